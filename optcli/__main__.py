@@ -1,0 +1,3 @@
+from optcli.cli import app
+
+app(prog_name="optcli")

@@ -1,0 +1,89 @@
+"""The optcli command line. Each command parses its arguments, calls one core function and renders
+the result. torch is imported only inside command bodies, so `optcli --help` starts instantly."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Train small PyTorch networks and compare torch.optim optimizers fairly.")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config; the built-in regression task when absent.")
+SetOpt = typer.Option(None, "--set", help="Override a config key: --set optimizer.lr=3e-4 (repeatable).")
+
+
+def user_errors(command):
+    """The one place where the tool's errors become a printed line and an exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from optcli.errors import RunInterrupted, UserError
+
+        try:
+            return command(*args, **kwargs)
+        except UserError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except RunInterrupted as exc:
+            typer.echo(f"\n{exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def train(
+    config: Optional[Path] = ConfigOpt,
+    set_: Optional[List[str]] = SetOpt,
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue runs/<name> from its last.pt."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+):
+    """Train the MLP with any torch.optim optimizer.
+
+    Example: optcli train --config configs/mnist_mlp.yaml --set optimizer.lr=3e-4
+    """
+    from optcli.config import load_config, to_yaml
+    from optcli import report, runner
+
+    cfg = runner.resume_config(str(resume), set_ or []) if resume else load_config(config, set_ or [])
+    if print_config:
+        typer.echo(to_yaml(cfg), nl=False)
+        return
+    with report.TrainProgress(cfg.train.epochs) as progress:
+        result = runner.train_run(cfg, str(resume) if resume else None, progress.start, progress.epoch, progress.batch)
+    report.print_train_result(result, cfg.train.log_every)
+    if result.history.status == "diverged":
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def optimizers(json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
+    """List every torch.optim optimizer with its default hyperparameters.
+
+    Example: optcli optimizers
+    """
+    from optcli import report
+    from optcli.optim import list_optimizers
+
+    rows = list_optimizers()
+    if json_out:
+        import json
+
+        typer.echo(json.dumps(rows, indent=2, default=str))
+    else:
+        report.console.print(report.optimizers_table(rows))
+
+
+def main() -> None:  # pragma: no cover - the console script entry point is `app`
+    app(prog_name="optcli")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

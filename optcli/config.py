@@ -1,0 +1,273 @@
+"""The run configuration: schema, YAML loading and --set overrides. Imports no torch.
+
+Defaults are the built-in task: the synthetic regression of PyTorch's "learning with examples"
+tutorial (N=64, D_in=1000, H=100, D_out=10, MSE with reduction="sum", Adam lr=1e-4, 500 steps),
+so `optcli train` runs anywhere, offline, in seconds.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from optcli.errors import UserError
+
+MAX_CONFIG_BYTES = 1_000_000  # a config is a few hundred bytes; anything this large is a mistake
+
+
+
+class YamlSafeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads 1e-3 as a float: PyYAML follows YAML 1.1, which wants 1.0e-3,
+    and a learning rate silently read as the string '1e-3' is a trap. Constructs no Python objects."""
+
+
+YamlSafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=YamlSafeLoader)
+
+
+ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "leaky_relu", "elu", "silu")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    name: Literal["mnist", "regression"] = "regression"
+    root: str = "data"  # torchvision root: MNIST lives in <root>/MNIST/raw
+    download: bool = True  # fetch MNIST when it is missing
+    batch_size: int = Field(64, gt=0)
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # held out of the training split for validation
+    samples: int = Field(64, gt=0)  # regression only: N
+    inputs: int = Field(1000, gt=0)  # regression only: D_in
+    outputs: int = Field(10, gt=0)  # regression only: D_out
+
+
+class ModelConfig(Section):
+    hidden: list[int] = Field(default_factory=lambda: [100], min_length=1)
+    activation: Literal[ACTIVATIONS] = "relu"  # type: ignore[valid-type]
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    init: str = "default"  # "default" keeps PyTorch's own; otherwise a torch.nn.init scheme by name
+    batch_norm: bool = False  # BatchNorm1d after each hidden Linear
+    freeze: list[str] = Field(default_factory=list)  # globs of parameter names to set requires_grad=False
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive_widths(cls, widths: list[int]) -> list[int]:
+        if any(w <= 0 for w in widths):
+            raise ValueError(f"every hidden width must be > 0 (got {widths})")
+        return widths
+
+
+class ParamGroupConfig(BaseModel):
+    """Overrides for the parameters whose names match one of the globs, e.g. no weight decay on *.bias."""
+
+    model_config = ConfigDict(extra="allow")
+    params: list[str] = Field(min_length=1)
+
+
+class OptimizerConfig(BaseModel):
+    """A torch.optim class by name; every other key is a keyword argument of its constructor."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    name: str = "adam"
+    groups: list[ParamGroupConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _lr_positive(self) -> "OptimizerConfig":
+        for where, kwargs in [("optimizer.lr", self.kwargs)] + [
+            (f"optimizer.groups.{i}.lr", g.model_extra or {}) for i, g in enumerate(self.groups)
+        ]:
+            lr = kwargs.get("lr")
+            if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr <= 0:
+                raise ValueError(f"{where}: must be > 0 (got {lr})")
+        return self
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class SchedulerConfig(BaseModel):
+    """A torch.optim.lr_scheduler class by name; every other key is a keyword argument."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class TrainConfig(Section):
+    epochs: int = Field(500, gt=0)
+    loss: Literal["cross_entropy", "mse"] = "mse"
+    reduction: Literal["mean", "sum"] = "sum"
+    grad_clip: Optional[float] = Field(None, gt=0)  # max global gradient norm
+    accumulate: int = Field(1, gt=0)  # optimizer step every k batches
+    fused: bool = True  # use the optimizer's fused kernel when it has one and the user did not choose
+    compile: bool = False  # torch.compile the model (measured slower on these CPUs; see README)
+    log_every: int = Field(0, ge=0)  # table row every k epochs; 0 picks about 20 rows
+
+
+class Config(Section):
+    seed: int = 0
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # run directory name
+    out_dir: str = "runs"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=1e-4))
+    scheduler: Optional[SchedulerConfig] = None
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _loss_fits_task(self) -> "Config":
+        if self.data.name == "regression" and self.train.loss == "cross_entropy":
+            raise ValueError("train.loss: cross_entropy needs class labels; data.name=regression wants mse")
+        if self.data.name == "mnist" and self.train.loss == "mse":
+            raise ValueError("train.loss: mse needs real-valued targets; data.name=mnist wants cross_entropy")
+        return self
+
+
+def _error_line(err: dict, source: str) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        model = _section_at(err["loc"][:-1])
+        hint = difflib.get_close_matches(str(err["loc"][-1]), list(model.model_fields), n=1) if model else []
+        valid = f"did you mean '{hint[0]}'?" if hint else f"valid keys: {', '.join(model.model_fields) if model else '?'}"
+        return f"{source}: {loc}: unknown key ({valid})"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "value_error" and isinstance(err.get("input"), dict):
+        return f"{source}: {msg}"  # a cross-field check on a section: its message names the key itself
+    got = err.get("input")
+    got = "" if isinstance(got, (dict, list)) or err["type"] == "missing" else f" (got {got!r})"
+    return f"{source}: {loc or 'config'}: {msg}{got}"
+
+
+def _section_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return None
+    return model
+
+
+def validate(raw: Any, source: str = "config") -> Config:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: the top level must be a mapping of keys, got a {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise UserError(_error_line(errors[0], source) + more) from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such config file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a config file")
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise UserError(f"{path}: {size} bytes is too large for a config (limit {MAX_CONFIG_BYTES})")
+        text = path.read_bytes().decode("utf-8")
+    except PermissionError:
+        raise UserError(f"{path}: cannot read the file (permission denied)") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (bad byte at offset {exc.start})") from None
+    try:
+        data = parse_yaml(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise UserError(f"{where}: invalid YAML: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: invalid YAML: {exc}") from None
+    if data is None:
+        raise UserError(f"{path}: the file is empty")
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'model.hidden=[256,128]' -> (['model', 'hidden'], [256, 128]); the value is parsed as YAML."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item}: expected key.path=value")
+    path = key.strip().split(".")
+    if any(not p for p in path):
+        raise UserError(f"--set {item}: empty part in the key path '{key}'")
+    try:
+        value = parse_yaml(text) if text.strip() else None
+    except yaml.YAMLError:
+        raise UserError(f"--set {item}: cannot parse the value '{text}'") from None
+    _check_key_path(path, item)
+    return path, value
+
+
+def _check_key_path(path: list[str], item: str) -> None:
+    model: type[BaseModel] | None = Config
+    for depth, part in enumerate(path):
+        if model is None:
+            return
+        if part not in model.model_fields:
+            if model.model_config.get("extra") == "allow":
+                return  # an optimizer or scheduler keyword: checked against its signature later
+            hint = difflib.get_close_matches(part, list(model.model_fields), n=1)
+            where = ".".join(path[: depth + 1])
+            suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise UserError(f"--set {item}: unknown key '{where}'{suggestion}")
+        model = _section_at(tuple(path[: depth + 1]))
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """The resolved config: the built-in default or a YAML file, then --set overrides, validated in full."""
+    raw = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "config"
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: the top level must be a mapping of keys, got a {type(raw).__name__}")
+    raw = apply_overrides(raw, list(overrides or []))
+    return validate(raw, source)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,99 @@
+"""The MLP (Linear / [BatchNorm1d] / activation / [Dropout] per hidden layer) and its init schemes."""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from optcli.config import ModelConfig
+from optcli.errors import UserError
+
+ACTIVATION_CLASSES = {
+    "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
+    "leaky_relu": nn.LeakyReLU, "elu": nn.ELU, "silu": nn.SiLU,
+}
+
+
+class MLP(nn.Sequential):
+    """Named layers so parameter names read well: fc1.weight, bn1.running_mean, out.bias."""
+
+    def __init__(self, in_features: int, hidden: list[int], out_features: int,
+                 activation: str = "relu", dropout: float = 0.0, batch_norm: bool = False):
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        width = in_features
+        for i, h in enumerate(hidden, start=1):
+            layers[f"fc{i}"] = nn.Linear(width, h)
+            if batch_norm:
+                layers[f"bn{i}"] = nn.BatchNorm1d(h)
+            layers[f"act{i}"] = ACTIVATION_CLASSES[activation]()
+            if dropout > 0:
+                layers[f"drop{i}"] = nn.Dropout(dropout)
+            width = h
+        layers["out"] = nn.Linear(width, out_features)
+        super().__init__(layers)
+
+
+def init_schemes() -> dict[str, object]:
+    """torch.nn.init functions that can fill a weight matrix with nothing but the tensor: xavier_uniform, ..."""
+    schemes = {}
+    for name, fn in vars(nn.init).items():
+        if name.startswith("_") or not name.endswith("_") or not callable(fn):
+            continue
+        try:
+            params = list(inspect.signature(fn).parameters.values())
+        except (TypeError, ValueError):
+            continue
+        if params and params[0].name == "tensor" and all(
+            p.default is not inspect.Parameter.empty or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params[1:]
+        ):
+            schemes[name.rstrip("_")] = fn
+    return schemes
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    if cfg.init != "default" and cfg.init not in init_schemes():
+        raise UserError(f"model.init: unknown scheme '{cfg.init}' (valid: default, {', '.join(sorted(init_schemes()))})")
+
+
+def build_model(cfg: ModelConfig, in_features: int, out_features: int) -> MLP:
+    """The MLP with its init applied and frozen parameters marked. Draws from torch's global RNG:
+    seed it first for repeatable initial weights."""
+    check_model_config(cfg)
+    model = MLP(in_features, cfg.hidden, out_features, cfg.activation, cfg.dropout, cfg.batch_norm)
+    if cfg.init != "default":
+        fill = init_schemes()[cfg.init]
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                fill(module.weight)
+                nn.init.zeros_(module.bias)
+    names = [n for n, _ in model.named_parameters()]
+    for pattern in cfg.freeze:
+        matched = fnmatch.filter(names, pattern)
+        if not matched:
+            raise UserError(f"model.freeze: '{pattern}' matches no parameter (names: {', '.join(names)})")
+        for name in matched:
+            model.get_parameter(name).requires_grad_(False)
+    return model
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto picks cuda, then mps, then cpu; an explicit device that is absent is a user error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device: '{name}' asked for, but CUDA is not available on this machine (use cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device: '{name}' asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device: '{name}' asked for, but MPS is not available on this machine (use cpu or auto)")
+    return device

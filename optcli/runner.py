@@ -1,0 +1,183 @@
+"""One training run from a Config: check everything, build data, model and optimizer, fit, and keep the
+run directory up to date (config.yaml, metrics.csv, metrics.jsonl, summary.json, last.pt)."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from optcli.config import Config, load_config, to_yaml
+from optcli.data import Data, load_data
+from optcli.errors import RunInterrupted, UserError
+from optcli.model import build_model, check_model_config, resolve_device
+from optcli.optim import build_optimizer, build_scheduler, check_optimizer
+from optcli.runs import (atomic_write_text, create_run_dir, deferred_sigint, load_checkpoint, save_checkpoint,
+                         write_csv, write_json, write_jsonl)
+from optcli.train import History, fit
+
+CHECKPOINT_INTERVAL_S = 1.0  # last.pt is rewritten at most this often (and always after the final epoch)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    history: History
+    summary: dict
+    start_epoch: int  # 1, or the epoch a resumed run continued from
+
+
+def preflight(cfg: Config) -> torch.device:
+    """Every check that needs torch, done before any data is loaded or any file is written."""
+    check_model_config(cfg.model)
+    check_optimizer(cfg.optimizer)
+    if cfg.scheduler is not None:
+        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        build_scheduler(probe, cfg.scheduler, cfg.train.epochs)
+    return resolve_device(cfg.device)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)  # seeds CPU and every CUDA device
+
+
+def build_model_and_optimizer(cfg: Config, data: Data, device: torch.device):
+    seed_everything(cfg.seed)  # the same seed gives the same initial weights whatever the optimizer
+    model = build_model(cfg.model, data.in_features, data.out_features).to(device)
+    optimizer = build_optimizer(model, cfg.optimizer, device, fused=cfg.train.fused)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.train.epochs)
+    return model, optimizer, scheduler
+
+
+def training_state(model, optimizer, scheduler) -> dict:
+    """Everything a resumed run needs besides its history, copied so that training can go on meanwhile."""
+    return copy.deepcopy({
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    })
+
+
+def summarize(cfg: Config, history: History, device: torch.device, seconds: float) -> dict:
+    best = history.best()
+    last = history.epochs[-1] if history.epochs else None
+    return {
+        "status": history.status,
+        "epochs_completed": len(history.epochs),
+        "epochs_planned": cfg.train.epochs,
+        "diverged_at": history.diverged_at,
+        "final": vars(last) if last else None,
+        "best": vars(best) if best else None,
+        "test_loss": history.test_loss,
+        "test_accuracy": history.test_accuracy,
+        "seconds": seconds,
+        "seconds_per_epoch": (sum(e.seconds for e in history.epochs) / len(history.epochs)) if history.epochs else None,
+        "device": str(device),
+        "torch": torch.__version__,
+        "optimizer": cfg.optimizer.model_dump(mode="json"),
+    }
+
+
+class RunWriter:
+    """Keeps a run directory consistent: the checkpoint and the metrics files always describe the same epoch.
+
+    After each epoch the training state is copied in memory (cheap next to an epoch); it is written out at
+    most every CHECKPOINT_INTERVAL_S, after the final epoch, and on Ctrl-C, when the epoch under way is
+    abandoned and the copy of the last completed one is what gets saved."""
+
+    def __init__(self, run_dir: Path, cfg: Config, device: torch.device):
+        self.run_dir, self.cfg, self.device = run_dir, cfg, device
+        self.state: Optional[dict] = None
+        self.history = History()
+        self.last_write = 0.0
+        self.started = time.perf_counter()
+
+    def epoch_done(self, history: History, model, optimizer, scheduler, force: bool = False) -> None:
+        self.state = training_state(model, optimizer, scheduler)
+        self.history = History(list(history.epochs), history.status, history.diverged_at)
+        if force or time.monotonic() - self.last_write >= CHECKPOINT_INTERVAL_S:
+            self.flush()
+
+    def flush(self, status: Optional[str] = None, history: Optional[History] = None) -> None:
+        history = history or self.history
+        if status is not None:
+            history.status = status
+        with deferred_sigint():
+            if self.state is not None:
+                checkpoint = {**self.state, "history": history.to_dict(), "config": self.cfg.model_dump(mode="json")}
+                save_checkpoint(self.run_dir / "last.pt", checkpoint)
+            self.write_metrics(history)
+        self.last_write = time.monotonic()
+
+    def write_metrics(self, history: History) -> None:
+        rows = [vars(e) for e in history.epochs]
+        write_csv(self.run_dir / "metrics.csv", rows)
+        write_jsonl(self.run_dir / "metrics.jsonl", rows)
+        write_json(self.run_dir / "summary.json",
+                   summarize(self.cfg, history, self.device, time.perf_counter() - self.started))
+
+
+def train_run(cfg: Config, resume: Optional[str] = None, on_start: Optional[Callable] = None,
+              on_epoch: Optional[Callable[[History], None]] = None,
+              on_batch: Optional[Callable[[int, int, int], None]] = None) -> TrainResult:
+    device = preflight(cfg)
+    checkpoint = load_checkpoint(Path(resume) / "last.pt") if resume else None
+    data = load_data(cfg.data, cfg.seed, device)
+    model, optimizer, scheduler = build_model_and_optimizer(cfg, data, device)
+    history = History()
+    if checkpoint is not None:
+        history = _restore(checkpoint, model, optimizer, scheduler, resume)
+        run_dir = Path(resume)
+    else:
+        run_dir = create_run_dir(cfg.out_dir, cfg.name, prefix="train-")
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    start_epoch = len(history.epochs) + 1
+    writer = RunWriter(run_dir, cfg, device)
+    train_model = torch.compile(model) if cfg.train.compile else model
+    if on_start is not None:
+        on_start(run_dir, start_epoch, data)
+
+    def epoch_done(h: History) -> None:
+        writer.epoch_done(h, model, optimizer, scheduler, force=h.status == "diverged" or len(h.epochs) == cfg.train.epochs)
+        if on_epoch is not None:
+            on_epoch(h)
+
+    try:
+        history = fit(cfg, model, optimizer, scheduler, data, history, epoch_done, on_batch, train_model)
+    except KeyboardInterrupt:
+        writer.flush(status="interrupted")
+        raise RunInterrupted(str(run_dir)) from None
+    writer.flush(history=history)  # the final status and the test metrics
+    return TrainResult(run_dir, history, summarize(cfg, history, device, time.perf_counter() - writer.started), start_epoch)
+
+
+def _restore(checkpoint: dict, model, optimizer, scheduler, resume: str) -> History:
+    try:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scheduler is not None and checkpoint.get("scheduler") is not None:
+            scheduler.load_state_dict(checkpoint["scheduler"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        history = History.from_dict(checkpoint["history"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise UserError(f"{resume}: the checkpoint does not fit this config ({str(exc).splitlines()[0][:200]})") from None
+    history.status = "running"
+    return history
+
+
+def resume_config(run_dir: str, overrides: list[str]) -> Config:
+    """The config a run was started with (its config.yaml), with --set overrides such as train.epochs=30."""
+    path = Path(run_dir) / "config.yaml"
+    if not Path(run_dir).is_dir():
+        raise UserError(f"--resume {run_dir}: no such run directory")
+    if not path.is_file():
+        raise UserError(f"--resume {run_dir}: no config.yaml in it; not a run directory")
+    return load_config(path, overrides)

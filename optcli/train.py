@@ -1,0 +1,155 @@
+"""The training loop: train_one_epoch, evaluate, fit -> History. Nothing here prints.
+
+The step is the textbook one: model.train(), zero_grad(), forward, loss.backward(), optimizer.step();
+evaluation under model.eval() and torch.no_grad(). Losses stay on the device during an epoch and are
+read back once at its end, so the loop never waits on a host sync per step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from optcli.config import Config
+from optcli.data import Data, Split, batches, epoch_permutation
+from optcli.optim import current_lr, is_plateau, needs_closure
+
+EVAL_BATCH = 8192  # evaluation needs no gradients, so large batches are cheap and fast
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    train_loss: float  # the configured loss, averaged over the epoch's samples
+    val_loss: Optional[float]
+    val_accuracy: Optional[float]
+    lr: float  # the learning rate used during this epoch (first param group)
+    seconds: float
+
+
+@dataclass
+class History:
+    epochs: list[EpochMetrics] = field(default_factory=list)
+    status: str = "running"  # completed | diverged | interrupted
+    diverged_at: Optional[dict] = None  # {"epoch": e, "step": s} of the first non-finite loss
+    test_loss: Optional[float] = None
+    test_accuracy: Optional[float] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "History":
+        return cls(**{**d, "epochs": [EpochMetrics(**e) for e in d["epochs"]]})
+
+    def best(self) -> Optional[EpochMetrics]:
+        """The epoch with the lowest validation loss (train loss when there is no validation split)."""
+        finite = [e for e in self.epochs if math.isfinite(_score(e))]
+        return min(finite, key=_score) if finite else None
+
+
+def _score(e: EpochMetrics) -> float:
+    return e.val_loss if e.val_loss is not None else e.train_loss
+
+
+def make_loss(cfg: Config) -> nn.Module:
+    cls = nn.CrossEntropyLoss if cfg.train.loss == "cross_entropy" else nn.MSELoss
+    return cls(reduction=cfg.train.reduction)
+
+
+def _sample_sum(loss: torch.Tensor, n: int, reduction: str) -> torch.Tensor:
+    """The loss summed over samples, so epoch averages are true averages, not means of batch means."""
+    return loss * n if reduction == "mean" else loss
+
+
+def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, split: Split,
+                    batch_size: int, perm: torch.Tensor, accumulate: int = 1, grad_clip: Optional[float] = None,
+                    on_batch: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+    """One pass over `split` in the order `perm`; returns each batch's loss summed over its samples (on device)."""
+    model.train()
+    n_batches = math.ceil(len(split) / batch_size)
+    losses = torch.zeros(n_batches, device=split.x.device)
+    use_closure = needs_closure(optimizer)
+    # with reduction="mean", k accumulated batches step like one batch k times larger; with "sum" they add up as is
+    scale = 1.0 / accumulate if loss_fn.reduction == "mean" else 1.0
+    optimizer.zero_grad(set_to_none=True)
+    for i, (x, y) in enumerate(batches(split, batch_size, perm)):
+        if use_closure:  # LBFGS re-evaluates the loss several times per step
+
+            def closure():
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                return loss
+
+            loss = optimizer.step(closure)
+        else:
+            loss = loss_fn(model(x), y)
+            (loss * scale).backward()
+            if (i + 1) % accumulate == 0 or i + 1 == n_batches:
+                if grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        losses[i] = _sample_sum(loss.detach(), len(x), loss_fn.reduction)
+        if on_batch is not None:
+            on_batch(i + 1, n_batches)
+    return losses
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loss_fn: nn.Module, split: Split) -> tuple[float, Optional[float]]:
+    """(average loss, accuracy) over `split`; accuracy is None for regression."""
+    model.eval()
+    total = torch.zeros((), device=split.x.device)
+    correct = torch.zeros((), device=split.x.device, dtype=torch.long)
+    classify = split.y.dtype == torch.long
+    for start in range(0, len(split), EVAL_BATCH):
+        x, y = split.x[start : start + EVAL_BATCH], split.y[start : start + EVAL_BATCH]
+        out = model(x)
+        total += _sample_sum(loss_fn(out, y), len(x), loss_fn.reduction)
+        if classify:
+            correct += (out.argmax(dim=1) == y).sum()
+    return total.item() / len(split), (correct.item() / len(split) if classify else None)
+
+
+def fit(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data: Data,
+        history: Optional[History] = None, on_epoch: Optional[Callable[[History], None]] = None,
+        on_batch: Optional[Callable[[int, int, int], None]] = None, train_model: Optional[nn.Module] = None) -> History:
+    """Train from the epoch after the last one in `history` to cfg.train.epochs. `train_model` is the module
+    run forward in training (a torch.compile'd wrapper of `model`), `model` the one evaluated and saved."""
+    history = history or History()
+    train_model = train_model or model
+    loss_fn = make_loss(cfg)
+    device = data.train.x.device
+    for epoch in range(len(history.epochs) + 1, cfg.train.epochs + 1):
+        t0 = time.perf_counter()
+        perm = epoch_permutation(len(data.train), cfg.seed, epoch, device)
+        batch_cb = (lambda i, n: on_batch(epoch, i, n)) if on_batch else None
+        losses = train_one_epoch(train_model, optimizer, loss_fn, data.train, cfg.data.batch_size, perm,
+                                 cfg.train.accumulate, cfg.train.grad_clip, batch_cb)
+        finite = torch.isfinite(losses)
+        bad_step = None if bool(finite.all()) else int((~finite).nonzero()[0]) + 1
+        val_loss, val_acc = evaluate(model, loss_fn, data.val) if data.val is not None and bad_step is None else (None, None)
+        lr = current_lr(optimizer)
+        train_loss = losses.sum().item() / len(data.train)
+        if bad_step is None and val_loss is not None and not math.isfinite(val_loss):
+            bad_step = len(losses)
+        if scheduler is not None and bad_step is None:
+            scheduler.step(val_loss if val_loss is not None else train_loss) if is_plateau(scheduler) else scheduler.step()
+        history.epochs.append(EpochMetrics(epoch, train_loss, val_loss, val_acc, lr, time.perf_counter() - t0))
+        if bad_step is not None:
+            history.status, history.diverged_at = "diverged", {"epoch": epoch, "step": bad_step}
+        if on_epoch is not None:
+            on_epoch(history)
+        if history.status == "diverged":
+            return history
+    history.status = "completed"
+    if data.test is not None:
+        history.test_loss, history.test_accuracy = evaluate(model, loss_fn, data.test)
+    return history
