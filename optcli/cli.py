@@ -64,6 +64,40 @@ def train(
 
 @app.command()
 @user_errors
+def compare(
+    optimizers: List[str] = typer.Argument(..., help="torch.optim names with optional settings: sgd:lr=0.1,momentum=0.9"),
+    config: Optional[Path] = ConfigOpt,
+    seeds: int = typer.Option(1, "--seeds", help="Repeat every run for this many seeds (config seed, +1, ...)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Override train.epochs."),
+    set_: Optional[List[str]] = SetOpt,
+    tune_lr: bool = typer.Option(False, "--tune-lr", help="Tune each optimizer's lr on the validation split first."),
+    tune_budget: int = typer.Option(5, "--tune-budget", help="Learning rates tried per optimizer with --tune-lr."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Run trials in this many processes."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
+):
+    """Compare optimizers on the same model, data, initial weights and batch order, over seeds.
+
+    Example: optcli compare sgd:lr=0.1,momentum=0.9 adam rmsprop --config configs/mnist_mlp.yaml --seeds 3
+    """
+    from optcli.config import load_config
+    from optcli import report
+    from optcli.compare import run_comparison
+
+    cfg = load_config(config, (set_ or []) + ([f"train.epochs={epochs}"] if epochs is not None else []))
+    with report.CompareProgress(cfg.train.epochs) as p:
+        result = run_comparison(cfg, optimizers, seeds, tune_lr, tune_budget, jobs,
+                                p.plan, p.trial_start, p.trial_done, p.epoch)
+    report.save_loss_plot(result, Path(result.run_dir) / "loss.png")
+    if json_out:
+        import json
+
+        typer.echo(json.dumps(result.to_dict(), default=str))
+    else:
+        report.print_comparison(result)
+
+
+@app.command()
+@user_errors
 def optimizers(json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
     """List every torch.optim optimizer with its default hyperparameters.
 

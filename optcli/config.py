@@ -146,6 +146,13 @@ class Config(Section):
         return self
 
 
+def optimizer_config(name: str, kwargs: dict[str, Any], source: str) -> OptimizerConfig:
+    try:
+        return OptimizerConfig(name=name, **kwargs)
+    except ValidationError as exc:
+        raise UserError(_error_line(exc.errors()[0], source)) from None
+
+
 def _error_line(err: dict, source: str) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":

@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from optcli.config import OptimizerConfig, SchedulerConfig, parse_yaml

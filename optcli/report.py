@@ -113,3 +113,180 @@ def optimizers_table(rows: list[dict]) -> Table:
     for r in rows:
         table.add_row(r["name"], ", ".join(f"{k}={v}" for k, v in r["defaults"].items()))
     return table
+
+
+def mean_pm(mean: Optional[float], std: Optional[float], as_pct: bool = False) -> str:
+    if mean is None:
+        return "—"
+    if as_pct:
+        return pct(mean) + (f" ± {100 * std:.2f}" if std is not None else "")
+    return fmt(mean) + (f" ± {fmt(std, 2)}" if std is not None else "")
+
+
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[Optional[float]], width: int = 40) -> str:
+    """Loss curves span orders of magnitude, so the line is drawn on a log scale."""
+    pts = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
+    if not pts:
+        return "—"
+    step = max(1, math.ceil(len(values) / width))
+    sampled = [values[i] for i in range(0, len(values), step)]
+    lo, hi = math.log10(min(pts)), math.log10(max(pts))
+    span = hi - lo or 1.0
+    return "".join(" " if v is None or v <= 0 or not math.isfinite(v)
+                   else SPARKS[min(len(SPARKS) - 1, int((math.log10(v) - lo) / span * len(SPARKS)))] for v in sampled)
+
+
+def comparison_table(c) -> Table:
+    classify = c.task == "classification"
+    metrics = [("final_train_loss", "final train loss", True, False), ("best_val_loss", "best val loss", True, False)]
+    if classify:
+        metrics += [("val_accuracy", "val acc", False, True), ("test_accuracy", "test acc", False, True)]
+    metrics = [m for m in metrics if any(r[m[0]] is not None for r in c.rows)]
+    table = Table(title=f"Optimizers over {len(c.seeds)} seed(s) {c.seeds}, {c.epochs} epochs (mean ± std)")
+    table.add_column("optimizer")
+    table.add_column("hyperparameters")
+    for _, title, _, _ in metrics:
+        table.add_column(title, justify="right")
+    table.add_column("epochs to best", justify="right")
+    table.add_column("s/epoch", justify="right")
+    table.add_column("status")
+    best = {}
+    for key, _, lower, _ in metrics:
+        done = [r for r in c.rows if r[key] is not None]
+        if done:
+            best[key] = (min if lower else max)(done, key=lambda r: r[key])["label"]
+    for r in c.rows:
+        cells = [r["label"], ", ".join(f"{k}={v}" for k, v in r["hyperparameters"].items()) or "defaults"]
+        for key, _, _, as_pct in metrics:
+            text = mean_pm(r[key], r[key + "_std"], as_pct)
+            cells.append(f"[bold green]{text}[/]" if best.get(key) == r["label"] else text)
+        cells += [mean_pm(r["epochs_to_best"], r["epochs_to_best_std"]), fmt(r["seconds_per_epoch"], 3)]
+        status = r["status"] if not r["diverged_at"] else r["status"] + " (" + ", ".join(
+            f"seed {d['seed']} epoch {d['epoch']}" for d in r["diverged_at"]) + ")"
+        cells.append(f"[red]{status}[/]" if r["diverged_at"] else status)
+        table.add_row(*cells)
+    return table
+
+
+def curve_table(c, max_rows: int = 30) -> Table:
+    """Validation loss per epoch, one column per optimizer, best per row highlighted; sparklines when long."""
+    kind = "val_loss" if any(p[0] is not None for cur in c.curves.values() for p in cur["val_loss"]) else "train_loss"
+    title = ("validation" if kind == "val_loss" else "training") + " loss per epoch (mean over seeds)"
+    labels = [s.label for s in c.specs]
+    if c.epochs > max_rows:
+        table = Table(title=title + ", log scale")
+        table.add_column("optimizer")
+        table.add_column(f"epochs 1 → {c.epochs}")
+        table.add_column("last", justify="right")
+        for label in labels:
+            means = [p[0] for p in c.curves[label][kind]]
+            last = next((v for v in reversed(means) if v is not None), None)
+            table.add_row(label, sparkline(means), fmt(last))
+        return table
+    table = Table(title=title)
+    table.add_column("epoch", justify="right")
+    for label in labels:
+        table.add_column(label, justify="right")
+    for e in range(c.epochs):
+        values = {label: c.curves[label][kind][e][0] for label in labels}
+        finite = [v for v in values.values() if v is not None]
+        low = min(finite) if finite else None
+        table.add_row(str(e + 1), *[(f"[bold green]{fmt(v)}[/]" if v is not None and v == low else fmt(v))
+                                    for v in values.values()])
+    return table
+
+
+def tuning_table(tuning: dict) -> Table:
+    table = Table(title=f"Learning-rate tuning: {tuning['budget']} learning rates per optimizer, seed {tuning['seed']}, "
+                        f"chosen by {tuning['selected_by']}")
+    table.add_column("optimizer")
+    table.add_column("grid (lr: val loss)")
+    table.add_column("chosen lr", justify="right")
+    for label, t in tuning["optimizers"].items():
+        grid = ", ".join(f"{fmt(lr, 3)}: {fmt(v, 3)}" for lr, v in zip(t["grid"], t["val_loss"]))
+        table.add_row(label, grid, fmt(t["chosen_lr"], 3))
+    return table
+
+
+def print_comparison(c) -> None:
+    if c.tuning:
+        console.print(tuning_table(c.tuning))
+    console.print(comparison_table(c))
+    console.print(curve_table(c))
+    console.print("[bold]Verdict[/]")
+    for v in c.verdicts:
+        console.print(f"  {v['name']}: {v['text']}")
+    if not c.verdicts:
+        console.print("  fewer than two optimizers completed every seed: no verdict")
+    outside = c.wall_seconds - c.epoch_seconds / c.jobs
+    console.print(f"wall time {c.wall_seconds:.1f} s ({c.epoch_seconds:.1f} s inside training epochs"
+                  + (f", {c.jobs} jobs" if c.jobs > 1 else f", {max(outside, 0):.1f} s outside") + ")")
+    console.print(f"files: {c.run_dir}")
+
+
+def save_loss_plot(c, path) -> None:
+    """loss.png: mean loss per optimizer with the seed spread (min to max over seeds) as a band, log scale;
+    train and validation side by side."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from optcli.runs import atomic_write_bytes
+
+    kinds = [k for k in ("train_loss", "val_loss") if any(p[0] is not None for cur in c.curves.values() for p in cur[k])]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for label, cur in c.curves.items():
+            pts = [(i + 1, mean, lo, hi) for i, (mean, _, lo, hi) in enumerate(cur[kind]) if mean is not None]
+            if not pts:
+                continue
+            x, mean, lo, hi = zip(*pts)
+            line, = ax.plot(x, mean, label=label)
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(("training" if kind == "train_loss" else "validation") + " loss")
+        ax.set_yscale("log")
+        ax.set_title(f"{'Training' if kind == 'train_loss' else 'Validation'} loss: mean, band min–max over {len(c.seeds)} seed(s)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+class CompareProgress:
+    """One bar over all (optimizer, seed) trials, and one over the epochs of the trial under way."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+        self.progress = progress_bar()
+        self.trials = self.current = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def plan(self, n_trials: int) -> None:
+        self.trials = self.progress.add_task("trials", total=n_trials, info="")
+        self.current = self.progress.add_task("epochs", total=self.epochs, info="")
+
+    def trial_start(self, label: str, seed: int) -> None:
+        self.progress.update(self.current, completed=0, description=f"{label} seed {seed}", info="")
+
+    def epoch(self, history) -> None:
+        e = history.epochs[-1]
+        self.progress.update(self.current, completed=e.epoch, info=f"loss {fmt(e.val_loss if e.val_loss is not None else e.train_loss)}")
+
+    def trial_done(self, label: str, seed: int, history) -> None:
+        self.progress.update(self.trials, advance=1, info=f"{label} seed {seed}: {history.status}")

@@ -1,0 +1,309 @@
+"""A fair comparison of optimizers: for each seed, every optimizer starts from the same initial weights and
+sees the same batches in the same order (and the same dropout masks). Results are aggregated over seeds, and
+the verdict says whether the winner's lead is larger than the seed-to-seed spread (paired t-test over seeds).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from optcli.config import Config, optimizer_config, to_yaml
+from optcli.data import Data, load_data
+from optcli.errors import UserError
+from optcli.model import build_model, check_model_config, resolve_device
+from optcli.optim import build_optimizer, build_scheduler, check_kwargs, check_optimizer, parse_spec, resolve_optimizer, signature_defaults
+from optcli.runner import seed_everything
+from optcli.runs import atomic_write_text, create_run_dir, write_csv, write_json
+from optcli.train import History, fit
+
+# (key, label, lower is better)
+METRICS = [
+    ("final_train_loss", "final train loss", True),
+    ("best_val_loss", "best val loss", True),
+    ("val_accuracy", "val accuracy", False),
+    ("test_accuracy", "test accuracy", False),
+]
+CONFIDENCE = 0.95
+
+
+@dataclass
+class OptimizerSpec:
+    label: str
+    name: str  # torch's class name
+    kwargs: dict[str, Any]
+
+    def config(self) -> OptimizerConfig:
+        return optimizer_config(self.name, self.kwargs, f"optimizer spec '{self.label}'")
+
+
+@dataclass
+class Trial:
+    label: str
+    seed: int
+    history: History
+    lr: Optional[float] = None  # the learning rate tried, for tuning trials
+
+
+@dataclass
+class Comparison:
+    specs: list[OptimizerSpec]
+    seeds: list[int]
+    epochs: int
+    task: str
+    trials: list[Trial]
+    rows: list[dict]  # one per optimizer: mean and std over seeds of every metric
+    verdicts: list[dict]
+    curves: dict[str, dict[str, list]]  # label -> {"train": [(mean, std)...], "val": [...]} per epoch
+    tuning: Optional[dict] = None
+    run_dir: Optional[str] = None
+    wall_seconds: float = 0.0
+    epoch_seconds: float = 0.0  # time inside training epochs, summed over trials
+    jobs: int = 1
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["trials"] = [{"label": t.label, "seed": t.seed, "lr": t.lr, **t.history.to_dict()} for t in self.trials]
+        return d
+
+
+def parse_specs(texts: list[str]) -> list[OptimizerSpec]:
+    """Optimizer specs checked in full (name, keywords, values) before any training; each gets a distinct label."""
+    if not texts:
+        raise UserError("compare: name at least one optimizer, e.g. optcli compare sgd adam")
+    specs = []
+    for text in texts:
+        name, kwargs = parse_spec(text)
+        cls = resolve_optimizer(name)
+        kwargs = check_kwargs(f"optimizer spec '{text}'", cls, kwargs)
+        try:
+            check_optimizer(optimizer_config(cls.__name__, kwargs, f"optimizer spec '{text}'"))
+        except UserError as exc:
+            raise UserError(f"optimizer spec '{text}': {str(exc).removeprefix('optimizer: ')}") from None
+        specs.append(OptimizerSpec(text.strip().lower() if kwargs else cls.__name__.lower(), cls.__name__, kwargs))
+    counts: dict[str, int] = {}
+    for spec in specs:
+        counts[spec.label] = counts.get(spec.label, 0) + 1
+        if counts[spec.label] > 1:
+            spec.label = f"{spec.label}#{counts[spec.label]}"
+    return specs
+
+
+def run_trial(cfg: Config, data: Data, spec: OptimizerSpec, seed: int,
+              on_epoch: Optional[Callable[[History], None]] = None) -> History:
+    """One (optimizer, seed) run. The initial weights, the batch order and the dropout masks are functions of
+    the seed alone, so every optimizer of a seed starts from the same point, in any process."""
+    cfg = cfg.model_copy(update={"seed": seed, "optimizer": spec.config()})
+    device = data.train.x.device
+    seed_everything(seed)
+    model = build_model(cfg.model, data.in_features, data.out_features).to(device)
+    optimizer = build_optimizer(model, cfg.optimizer, device, fused=cfg.train.fused)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.train.epochs)
+    seed_everything(seed)  # the same dropout masks for every optimizer of this seed
+    return fit(cfg, model, optimizer, scheduler, data, on_epoch=on_epoch)
+
+
+def lr_grid(spec: OptimizerSpec, budget: int) -> list[float]:
+    """`budget` learning rates on a log grid spanning 10x either side of the spec's lr (or its default)."""
+    center = spec.kwargs.get("lr", signature_defaults(getattr(torch.optim, spec.name)).get("lr"))
+    if not isinstance(center, (int, float)) or center <= 0:
+        raise UserError(f"--tune-lr: {spec.label} has no default learning rate; give one (e.g. {spec.label}:lr=0.01)")
+    if budget == 1:
+        return [float(center)]
+    return [float(center) * 10 ** (-1 + 2 * i / (budget - 1)) for i in range(budget)]
+
+
+def _tune_score(history: History) -> float:
+    best = history.best()
+    if history.status == "diverged" or best is None or best.val_loss is None:
+        return math.inf
+    return best.val_loss
+
+
+def tune_learning_rates(specs: list[OptimizerSpec], budget: int, seed: int, run: Callable) -> tuple[dict, list[Trial]]:
+    """The same budget of learning rates for every optimizer, judged on the validation split only."""
+    grids = {s.label: lr_grid(s, budget) for s in specs}
+    jobs = [(OptimizerSpec(s.label, s.name, {**s.kwargs, "lr": lr}), seed) for s in specs for lr in grids[s.label]]
+    histories = run(jobs)
+    trials = [Trial(spec.label, seed, h, spec.kwargs["lr"]) for (spec, _), h in zip(jobs, histories)]
+    tuning = {"budget": budget, "seed": seed, "selected_by": "best validation loss", "optimizers": {}}
+    for spec in specs:
+        tried = [t for t in trials if t.label == spec.label]
+        scores = [_tune_score(t.history) for t in tried]
+        best = min(range(len(tried)), key=lambda i: scores[i])
+        if math.isinf(scores[best]):
+            raise UserError(f"--tune-lr: every learning rate diverged for {spec.label} ({grids[spec.label]})")
+        tuning["optimizers"][spec.label] = {"grid": grids[spec.label], "val_loss": scores, "chosen_lr": tried[best].lr}
+        spec.kwargs = {**spec.kwargs, "lr": tried[best].lr}
+    return tuning, trials
+
+
+def trial_metrics(history: History) -> dict[str, Optional[float]]:
+    best = history.best()
+    last = history.epochs[-1] if history.epochs else None
+    return {
+        "final_train_loss": last.train_loss if last else None,
+        "best_val_loss": best.val_loss if best else None,
+        "val_accuracy": best.val_accuracy if best else None,
+        "test_accuracy": history.test_accuracy,
+        "epochs_to_best": best.epoch if best else None,
+        "seconds_per_epoch": statistics.fmean(e.seconds for e in history.epochs) if history.epochs else None,
+    }
+
+
+def mean_std(values: list[float]) -> tuple[Optional[float], Optional[float]]:
+    """Mean and sample standard deviation (n-1); std is None for fewer than two values."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def aggregate(specs: list[OptimizerSpec], trials: list[Trial]) -> list[dict]:
+    rows = []
+    for spec in specs:
+        mine = [t for t in trials if t.label == spec.label]
+        done = [t for t in mine if t.history.status == "completed"]
+        row: dict[str, Any] = {"label": spec.label, "optimizer": spec.name, "hyperparameters": spec.kwargs,
+                               "seeds": len(mine), "completed": len(done)}
+        for key in [m[0] for m in METRICS] + ["epochs_to_best", "seconds_per_epoch"]:
+            values = [v for t in done if (v := trial_metrics(t.history)[key]) is not None]
+            row[key], row[key + "_std"] = mean_std(values)
+        diverged = [t for t in mine if t.history.status == "diverged"]
+        row["status"] = "completed" if not diverged else f"diverged {len(diverged)}/{len(mine)}"
+        row["diverged_at"] = [{"seed": t.seed, **t.history.diverged_at} for t in diverged]
+        rows.append(row)
+    return rows
+
+
+def verdict(metric: str, name: str, lower_better: bool, specs: list[OptimizerSpec], trials: list[Trial],
+            seeds: list[int]) -> Optional[dict]:
+    """The best optimizer on one metric, and whether its lead over the runner-up beats the seed-to-seed spread."""
+    from scipy import stats
+
+    per_label: dict[str, dict[int, float]] = {}
+    for t in trials:
+        value = trial_metrics(t.history)[metric] if t.history.status == "completed" else None
+        if value is not None:
+            per_label.setdefault(t.label, {})[t.seed] = value
+    full = {label: v for label, v in per_label.items() if len(v) == len(seeds)}  # ranked only with every seed done
+    if len(full) < 2:
+        return None
+    sign = 1 if lower_better else -1
+    ranked = sorted(full, key=lambda label: sign * statistics.fmean(full[label].values()))
+    best, runner = ranked[0], ranked[1]
+    diffs = [sign * (full[runner][s] - full[best][s]) for s in seeds]  # > 0 where the best was better on that seed
+    out = {"metric": metric, "name": name, "best": best, "runner_up": runner, "lead": statistics.fmean(diffs),
+           "seeds": len(seeds), "test": "paired t-test over seeds", "p_value": None, "ci": None, "significant": None}
+    if len(seeds) < 2:
+        out["text"] = (f"{best} leads {runner} on {name} by {out['lead']:.4g}, but with one seed "
+                       f"no claim can be made about the seed-to-seed spread (use --seeds 3 or more)")
+        return out
+    sd = statistics.stdev(diffs)
+    half = stats.t.ppf(0.5 + CONFIDENCE / 2, len(diffs) - 1) * sd / math.sqrt(len(diffs))
+    out["ci"] = [out["lead"] - half, out["lead"] + half]
+    out["p_value"] = float(stats.ttest_rel([full[runner][s] for s in seeds], [full[best][s] for s in seeds]).pvalue) if sd > 0 else None
+    out["significant"] = bool(out["ci"][0] > 0)
+    spread = (f"{int(CONFIDENCE * 100)}% CI of the paired difference [{out['ci'][0]:.3g}, {out['ci'][1]:.3g}], "
+              f"paired t-test over {len(seeds)} seeds" + (f", p={out['p_value']:.3g}" if out["p_value"] is not None else ""))
+    if out["significant"]:
+        out["text"] = f"{best} beats {runner} on {name} by {out['lead']:.4g} ({spread}): larger than the seed-to-seed spread"
+    else:
+        out["text"] = f"{best} leads {runner} on {name} by {out['lead']:.4g} ({spread}): within the seed-to-seed spread, no clear winner"
+    return out
+
+
+def curves(specs: list[OptimizerSpec], trials: list[Trial], epochs: int) -> dict[str, dict[str, list]]:
+    """Per optimizer and epoch: [mean, std, min, max] over the seeds that reached it with a finite loss."""
+    out = {}
+    for spec in specs:
+        mine = [t.history.epochs for t in trials if t.label == spec.label]
+        out[spec.label] = {}
+        for kind in ("train_loss", "val_loss"):
+            points = []
+            for e in range(epochs):
+                vals = [v for h in mine if len(h) > e and (v := getattr(h[e], kind)) is not None and math.isfinite(v)]
+                points.append([*mean_std(vals), min(vals, default=None), max(vals, default=None)])
+            out[spec.label][kind] = points
+    return out
+
+
+def serial_runner(cfg: Config, data: Data, on_trial_start: Optional[Callable], on_trial_done: Optional[Callable],
+                  on_epoch: Optional[Callable]) -> Callable:
+    def run(plan: list[tuple[OptimizerSpec, int]]) -> list[History]:
+        histories = []
+        for spec, seed in plan:
+            if on_trial_start:
+                on_trial_start(spec.label, seed)
+            histories.append(run_trial(cfg, data, spec, seed, on_epoch))
+            if on_trial_done:
+                on_trial_done(spec.label, seed, histories[-1])
+        return histories
+    return run
+
+
+def run_comparison(cfg: Config, spec_texts: list[str], seeds: int = 1, tune_lr: bool = False, tune_budget: int = 5,
+                   jobs: int = 1, on_plan: Optional[Callable[[int], None]] = None,
+                   on_trial_start: Optional[Callable[[str, int], None]] = None,
+                   on_trial_done: Optional[Callable[[str, int, History], None]] = None,
+                   on_epoch: Optional[Callable[[History], None]] = None) -> Comparison:
+    """Every optimizer x seed, from the same initial weights and batches per seed; files under runs/compare-*/.
+    With jobs > 1 the trials run in separate processes (see parallel.py), with the same results."""
+    started = time.perf_counter()
+    for flag, value in (("--seeds", seeds), ("--tune-budget", tune_budget), ("--jobs", jobs)):
+        if value < 1:
+            raise UserError(f"{flag}: must be at least 1 (got {value})")
+    specs = parse_specs(spec_texts)
+    check_model_config(cfg.model)
+    if cfg.scheduler is not None:
+        build_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), cfg.scheduler, cfg.train.epochs)
+    if tune_lr and cfg.data.val_fraction == 0:
+        raise UserError("--tune-lr: needs a validation split; set data.val_fraction > 0")
+    device = resolve_device(cfg.device)
+    seed_list = [cfg.seed + i for i in range(seeds)]
+    if on_plan:
+        on_plan(len(specs) * (len(seed_list) + (tune_budget if tune_lr else 0)))
+    if jobs > 1:
+        from optcli.parallel import ParallelRunner
+
+        runner = ParallelRunner(cfg, jobs, on_trial_done)
+    else:
+        data = load_data(cfg.data, cfg.seed, device)  # once for the whole comparison
+        runner = serial_runner(cfg, data, on_trial_start, on_trial_done, on_epoch)
+    try:
+        tuning, tune_trials = tune_learning_rates(specs, tune_budget, seed_list[0], runner) if tune_lr else (None, [])
+        plan = [(spec, seed) for seed in seed_list for spec in specs]
+        trials = [Trial(spec.label, seed, h) for (spec, seed), h in zip(plan, runner(plan))]
+    finally:
+        if hasattr(runner, "close"):
+            runner.close()
+    verdicts = [v for key, name, lower in METRICS if (v := verdict(key, name, lower, specs, trials, seed_list))]
+    comparison = Comparison(
+        specs, seed_list, cfg.train.epochs, "classification" if cfg.data.name == "mnist" else "regression", trials,
+        aggregate(specs, trials), verdicts, curves(specs, trials, cfg.train.epochs), tuning, jobs=jobs,
+        epoch_seconds=sum(e.seconds for t in tune_trials + trials for e in t.history.epochs))
+    run_dir = create_run_dir(cfg.out_dir, cfg.name and f"compare-{cfg.name}", prefix="compare-")
+    comparison.run_dir = str(run_dir)
+    comparison.wall_seconds = time.perf_counter() - started
+    write_comparison(cfg, comparison, run_dir)
+    return comparison
+
+
+def write_comparison(cfg: Config, comparison: Comparison, run_dir) -> None:
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg) + yaml_specs(comparison))
+    rows = [{"optimizer": t.label, "seed": t.seed, **{k: v for k, v in vars(e).items()}}
+            for t in comparison.trials for e in t.history.epochs]
+    write_csv(run_dir / "metrics.csv", rows)
+    write_json(run_dir / "summary.json", comparison.to_dict())
+
+
+def yaml_specs(comparison: Comparison) -> str:
+    import yaml
+
+    return yaml.safe_dump({"compare": {"optimizers": [{"label": s.label, "name": s.name, **s.kwargs} for s in comparison.specs],
+                                       "seeds": comparison.seeds}}, sort_keys=False)

@@ -1,0 +1,172 @@
+import json
+import math
+
+import pytest
+import torch
+
+import optcli.compare as compare_mod
+import optcli.train as train_mod
+from optcli.compare import Trial, aggregate, parse_specs, run_comparison, verdict
+from optcli.config import load_config
+from optcli.train import EpochMetrics, History
+from tests.conftest import cli, mnist_args
+
+FAST = ["--set", "train.epochs=6", "--set", "data.samples=32"]
+
+
+def test_every_optimizer_of_a_seed_starts_from_the_same_weights_and_batches(monkeypatch):
+    inits, perms = [], []
+    real_build, real_batches = compare_mod.build_optimizer, train_mod.batches
+
+    def spy_build(model, *args, **kwargs):
+        inits.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_build(model, *args, **kwargs)
+
+    def spy_batches(split, batch_size, perm):
+        perms.append(perm.clone())
+        return real_batches(split, batch_size, perm)
+
+    monkeypatch.setattr(compare_mod, "build_optimizer", spy_build)
+    monkeypatch.setattr(train_mod, "batches", spy_batches)
+    cfg = load_config(None, ["train.epochs=3", "data.samples=40", "data.batch_size=8", "model.dropout=0.5"])
+    run_comparison(cfg, ["sgd", "adam", "rmsprop"], seeds=2)
+    assert len(inits) == 6 and len(perms) == 18  # seed-major: 3 optimizers x 3 epochs per seed
+    for seed in range(2):
+        first = inits[3 * seed]
+        for other in inits[3 * seed + 1 : 3 * seed + 3]:
+            assert all(torch.equal(first[k], other[k]) for k in first)
+        block = perms[9 * seed : 9 * seed + 9]
+        for opt in range(1, 3):
+            assert all(torch.equal(block[e], block[3 * opt + e]) for e in range(3))
+    assert not torch.equal(inits[0]["fc1.weight"], inits[3]["fc1.weight"])  # seeds differ
+    assert not torch.equal(perms[0], perms[9])
+
+
+def test_same_dropout_masks_give_identical_runs_for_identical_specs():
+    cfg = load_config(None, ["train.epochs=4", "data.samples=32", "model.dropout=0.5"])
+    c = run_comparison(cfg, ["adam", "adam"], seeds=1)
+    assert [s.label for s in c.specs] == ["adam", "adam#2"]
+    a, b = (t.history.epochs for t in c.trials)
+    assert [e.train_loss for e in a] == [e.train_loss for e in b]
+
+
+def _history(losses, val=None, status="completed"):
+    epochs = [EpochMetrics(i + 1, x, None if val is None else val[i], None, 0.1, 0.5) for i, x in enumerate(losses)]
+    return History(epochs, status)
+
+
+def test_mean_and_std_over_seeds_hand_checked():
+    specs = parse_specs(["sgd", "adam"])
+    trials = [Trial("sgd", s, _history([9.0, v])) for s, v in zip(range(3), [1.0, 2.0, 3.0])]
+    trials += [Trial("adam", s, _history([9.0, v])) for s, v in zip(range(3), [4.0, 4.0, 4.0])]
+    rows = {r["label"]: r for r in aggregate(specs, trials)}
+    assert rows["sgd"]["final_train_loss"] == pytest.approx(2.0)
+    assert rows["sgd"]["final_train_loss_std"] == pytest.approx(1.0)  # sample std: sqrt(((1)^2+0+(1)^2)/2)
+    assert rows["adam"]["final_train_loss_std"] == pytest.approx(0.0)
+    assert rows["sgd"]["epochs_to_best"] == 2 and rows["sgd"]["seconds_per_epoch"] == 0.5
+
+
+def test_verdict_separates_a_real_lead_from_seed_noise():
+    specs = parse_specs(["sgd", "adam"])
+    clear = [Trial("adam", s, _history([1.0 + 0.01 * s])) for s in range(4)]
+    clear += [Trial("sgd", s, _history([2.0 + 0.02 * s])) for s in range(4)]
+    v = verdict("final_train_loss", "final train loss", True, specs, clear, list(range(4)))
+    assert v["best"] == "adam" and v["significant"] is True and v["p_value"] < 0.01
+    assert v["ci"][0] > 0 and "larger than the seed-to-seed spread" in v["text"]
+    noisy = [Trial("adam", s, _history([x])) for s, x in enumerate([1.0, 3.0, 1.2, 2.9])]
+    noisy += [Trial("sgd", s, _history([x])) for s, x in enumerate([2.0, 1.0, 2.1, 1.1])]
+    v = verdict("final_train_loss", "final train loss", True, specs, noisy, list(range(4)))
+    assert v["significant"] is False and "no clear winner" in v["text"]
+    one = verdict("final_train_loss", "final train loss", True, specs, clear[:1] + clear[4:5], [0])
+    assert one["significant"] is None and "no claim" in one["text"]
+
+
+def test_divergent_spec_is_reported_while_others_complete(tmp_path):
+    result = cli("compare", "sgd:lr=1e6", "adam", *FAST, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    rows = {r["label"]: r for r in summary["rows"]}
+    assert rows["sgd:lr=1e6"]["status"].startswith("diverged")
+    assert rows["sgd:lr=1e6"]["diverged_at"][0]["epoch"] >= 1
+    assert rows["adam"]["status"] == "completed"
+
+
+def test_files_summary_matches_table_and_png_is_valid(tmp_path):
+    result = cli("compare", "sgd:lr=1e-3,momentum=0.9", "adam", *FAST, "--seeds", "2")
+    assert result.exit_code == 0, result.output
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("compare-")
+    png = (run_dir / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(run_dir / "loss.png") as im:
+        assert im.size[0] > 300 and im.size[1] > 200
+    summary = json.loads((run_dir / "summary.json").read_text())
+    from optcli.report import mean_pm
+
+    text = " ".join(result.output.split())
+    for row in summary["rows"]:
+        assert mean_pm(row["final_train_loss"], row["final_train_loss_std"]) in text
+    lines = (run_dir / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("optimizer,seed,epoch,train_loss") and len(lines) == 1 + 2 * 2 * 6
+    assert "compare:" in (run_dir / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("adamm", "unknown name 'adamm'"),
+    ("sgd:momentun=0.9", "SGD takes no argument 'momentun'"),
+    ("sgd:lr=[1,", "cannot parse the value of 'lr'"),
+    ("sgd:lr", "expected key=value"),
+    ("adam:lr=-1", "lr: must be > 0"),
+    ("adam:betas=[2,0.9]", "Invalid beta parameter"),
+])
+def test_bad_specs_fail_before_any_training(spec, fragment, tmp_path):
+    result = cli("compare", "adam", spec)
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_one_seed_verdict_says_no_claim(tmp_path):
+    result = cli("compare", "sgd", "adam", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "no claim can be made" in " ".join(result.output.split())
+
+
+def test_tune_lr_gives_every_optimizer_the_same_budget(tiny_mnist):
+    result = cli("compare", "sgd", "adam", *mnist_args(tiny_mnist), "--epochs", "2", "--tune-lr", "--tune-budget", "3",
+                 "--json")
+    assert result.exit_code == 0, result.output
+    tuning = json.loads(result.stdout)["tuning"]
+    assert tuning["budget"] == 3
+    for label, t in tuning["optimizers"].items():
+        assert len(t["grid"]) == 3 and t["chosen_lr"] in t["grid"]
+        assert t["grid"][0] == pytest.approx(t["grid"][1] / 10) and t["grid"][2] == pytest.approx(t["grid"][1] * 10)
+    summary = json.loads(result.stdout)
+    chosen = {r["label"]: r["hyperparameters"]["lr"] for r in summary["rows"]}
+    assert chosen == {k: v["chosen_lr"] for k, v in tuning["optimizers"].items()}
+
+
+def test_tune_lr_without_validation_split_is_an_error():
+    result = cli("compare", "sgd", "adam", "--tune-lr")
+    assert result.exit_code == 2 and "val_fraction" in result.output
+
+
+def test_classification_table_has_accuracies(tiny_mnist):
+    result = cli("compare", "sgd:lr=0.1", "adam", *mnist_args(tiny_mnist), "--epochs", "3", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert all(0 <= r["test_accuracy"] <= 1 and 0 <= r["val_accuracy"] <= 1 for r in rows)
+    assert all(not math.isnan(r["best_val_loss"]) for r in rows)
+
+
+def test_parallel_jobs_give_the_serial_results(tiny_mnist):
+    args = ["sgd:lr=0.05", "adam", *mnist_args(tiny_mnist), "--epochs", "2", "--seeds", "2", "--json"]
+    serial = json.loads(cli("compare", *args).stdout)
+    result = cli("compare", *args, "--jobs", "2")
+    assert result.exit_code == 0, result.output
+    parallel = json.loads(result.stdout)
+    strip = lambda s: [[{k: v for k, v in e.items() if k != "seconds"} for e in t["epochs"]] for t in s["trials"]]  # noqa: E731
+    assert strip(serial) == strip(parallel)
+    assert parallel["jobs"] == 2
