@@ -96,6 +96,34 @@ def compare(
         report.print_comparison(result)
 
 
+@app.command("inspect-params")
+@user_errors
+def inspect_params(
+    config: Optional[Path] = ConfigOpt,
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A run's last.pt (or its run directory)."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="Optimizer spec, e.g. sgd:lr=0.1."),
+    step: bool = typer.Option(False, "--step", help="Run one batch: gradients, update, SGD rule, accumulation."),
+    set_: Optional[List[str]] = SetOpt,
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+):
+    """Show parameters, gradients, buffers, param groups and optimizer state of a model.
+
+    Example: optcli inspect-params --optimizer sgd:lr=0.1 --step
+    """
+    from optcli.config import load_config
+    from optcli import report
+    from optcli.inspect import inspect_params as run_inspect
+
+    cfg = load_config(config, set_ or [])
+    result = run_inspect(cfg, str(checkpoint) if checkpoint else None, optimizer, step)
+    if json_out:
+        import json
+
+        typer.echo(json.dumps(result.to_dict(), default=str))
+    else:
+        report.print_inspection(result)
+
+
 @app.command()
 @user_errors
 def optimizers(json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):

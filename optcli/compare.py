@@ -82,8 +82,9 @@ def parse_specs(texts: list[str]) -> list[OptimizerSpec]:
         name, kwargs = parse_spec(text)
         cls = resolve_optimizer(name)
         kwargs = check_kwargs(f"optimizer spec '{text}'", cls, kwargs)
+        spec_cfg = optimizer_config(cls.__name__, kwargs, f"optimizer spec '{text}'")
         try:
-            check_optimizer(optimizer_config(cls.__name__, kwargs, f"optimizer spec '{text}'"))
+            check_optimizer(spec_cfg)
         except UserError as exc:
             raise UserError(f"optimizer spec '{text}': {str(exc).removeprefix('optimizer: ')}") from None
         specs.append(OptimizerSpec(text.strip().lower() if kwargs else cls.__name__.lower(), cls.__name__, kwargs))

@@ -106,3 +106,8 @@ def batches(split: Split, batch_size: int, perm: torch.Tensor) -> Iterator[tuple
     for start in range(0, len(split), batch_size):
         idx = perm[start : start + batch_size]
         yield split.x[idx], split.y[idx]
+
+
+def task_shape(cfg: DataConfig) -> tuple[int, int]:
+    """(in_features, out_features) of the task, known without loading any data."""
+    return (28 * 28, 10) if cfg.name == "mnist" else (cfg.inputs, cfg.outputs)

@@ -35,22 +35,37 @@ def progress_bar(transient: bool = False) -> Progress:
                     console=err_console, transient=transient)
 
 
-class TrainProgress:
-    """A progress bar over epochs (and the batches of the current one), fed by the training callbacks."""
+class LazyProgress:
+    """A Rich progress display that appears only once work starts, so an input error prints one clean line."""
 
-    def __init__(self, epochs: int):
-        self.epochs = epochs
+    def __init__(self):
         self.progress = progress_bar()
-        self.epoch_task = self.batch_task = None
+        self.started = False
 
     def __enter__(self):
-        self.progress.__enter__()
         return self
 
     def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
+        if self.started:
+            self.progress.stop()
+        return False
+
+    def begin(self) -> None:
+        if not self.started:
+            self.progress.start()
+            self.started = True
+
+
+class TrainProgress(LazyProgress):
+    """A progress bar over epochs (and the batches of the current one), fed by the training callbacks."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+        self.epoch_task = self.batch_task = None
 
     def start(self, run_dir, start_epoch: int, data) -> None:
+        self.begin()
         self.epoch_task = self.progress.add_task("epochs", total=self.epochs, completed=start_epoch - 1, info="")
         self.batch_task = self.progress.add_task("batches", total=None, info="")
 
@@ -262,22 +277,16 @@ def save_loss_plot(c, path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-class CompareProgress:
+class CompareProgress(LazyProgress):
     """One bar over all (optimizer, seed) trials, and one over the epochs of the trial under way."""
 
     def __init__(self, epochs: int):
+        super().__init__()
         self.epochs = epochs
-        self.progress = progress_bar()
         self.trials = self.current = None
 
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
-
     def plan(self, n_trials: int) -> None:
+        self.begin()
         self.trials = self.progress.add_task("trials", total=n_trials, info="")
         self.current = self.progress.add_task("epochs", total=self.epochs, info="")
 
@@ -290,3 +299,88 @@ class CompareProgress:
 
     def trial_done(self, label: str, seed: int, history) -> None:
         self.progress.update(self.trials, advance=1, info=f"{label} seed {seed}: {history.status}")
+
+
+def _shape(shape: list[int]) -> str:
+    return "×".join(map(str, shape)) or "scalar"
+
+
+def print_inspection(r) -> None:
+    t = Table(title=f"Parameters ({r.source})")
+    for col, just in [("name", "left"), ("shape", "left"), ("numel", "right"), ("dtype/device", "left"),
+                      ("requires_grad", "left"), ("mean", "right"), ("std", "right"), ("min", "right"), ("max", "right")]:
+        t.add_column(col, justify=just, overflow="fold")
+    for p in r.params:
+        t.add_row(p["name"], _shape(p["shape"]), f"{p['numel']:,}", f"{p['dtype']} {p['device']}",
+                  "[green]True[/] trainable" if p["requires_grad"] else "[yellow]False[/] frozen",
+                  *(fmt(p[k], 3) for k in ("mean", "std", "min", "max")))
+    console.print(t)
+    console.print(f"trainable {r.totals['trainable']:,} · frozen {r.totals['frozen']:,} · total {r.totals['total']:,} elements")
+
+    t = Table(title="state_dict: what model.state_dict() saves")
+    for col in ("key", "kind", "shape", "dtype"):
+        t.add_column(col)
+    for e in r.state_dict:
+        t.add_row(e["key"], e["kind"] if e["kind"] == "parameter" else f"[cyan]{e['kind']}[/]", _shape(e["shape"]), e["dtype"])
+    console.print(t)
+
+    t = Table(title=f"{r.optimizer}: param_groups")
+    t.add_column("group", justify="right")
+    t.add_column("hyperparameters")
+    t.add_column("parameters held")
+    for g in r.groups:
+        t.add_row(str(g["index"]), ", ".join(f"{k}={v}" for k, v in g["hyperparameters"].items()),
+                  ", ".join(g["params"]) + f" ({g['numel']:,} elements)")
+    console.print(t)
+
+    if r.optimizer_state:
+        t = Table(title=f"{r.optimizer}: per-parameter state (optimizer.state)")
+        for col in ("parameter", "key", "shape", "norm / value"):
+            t.add_column(col)
+        for s in r.optimizer_state:
+            t.add_row(s["param"], s["key"], _shape(s["shape"]), fmt(s["norm"]) if s["norm"] is not None else fmt(s["value"]))
+        console.print(t)
+    else:
+        console.print(f"{r.optimizer}: per-parameter state is empty (it is created by the first step())")
+
+    link = r.linkage
+    if link["ok"]:
+        console.print(f"[green]linkage ok[/]: the optimizer holds all {link['trainable']} trainable parameters of the model, "
+                      f"by identity, and nothing else")
+    else:
+        for problem in link["problems"]:
+            console.print(f"[red]linkage problem[/]: {problem}")
+
+    modes = r.modes
+    console.print(f"mode: model.training = {modes['training']} ({'train()' if modes['training'] else 'eval()'})")
+    if modes["modules"]:
+        t = Table(title="Modules that behave differently under train() and eval()")
+        for col in ("module", "type", "training", "in train()", "in eval()"):
+            t.add_column(col)
+        for m in modes["modules"]:
+            t.add_row(m["name"], m["type"], str(m["training"]), m["train"], m["eval"])
+        console.print(t)
+    else:
+        console.print("no module behaves differently under train() and eval() (no Dropout, no BatchNorm)")
+
+    if r.step:
+        s = r.step
+        t = Table(title=f"One step on a batch of {s['batch_size']} (loss {fmt(s['loss'])}): backward() then step()")
+        for col, just in [("parameter", "left"), ("grad norm", "right"), ("update norm", "right"), ("changed", "left")]:
+            t.add_column(col, justify=just)
+        for p in s["params"]:
+            t.add_row(p["name"], fmt(p["grad_norm"]) if p["requires_grad"] else "[yellow]None (frozen)[/]",
+                      fmt(p["update_norm"]), "yes" if p["changed"] else "no")
+        console.print(t)
+        rule = s["sgd_rule"]
+        if rule["applies"]:
+            verdict = "[green]holds[/]" if rule["holds"] else "[red]does NOT hold[/]"
+            console.print(f"SGD rule w ← w − lr·grad {verdict}: max |w_new − (w − lr·grad)| = {rule['max_abs_error']:.3g}")
+        else:
+            console.print(f"SGD rule check: {rule['why']}")
+        acc = s["accumulation"]
+        console.print(f"second backward() without zero_grad(): grad norm × {acc['grad_norm_ratio_min']:.6g}"
+                      f"–{acc['grad_norm_ratio_max']:.6g}, max |g₂ − 2·g₁| = {acc['max_abs_error_vs_2x']:.3g}: "
+                      + ("gradients add up (doubled)" if acc["doubled"] else "[red]not doubled[/]"))
+    for note in r.notes:
+        console.print(f"note: {note}")
