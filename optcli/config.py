@@ -130,12 +130,20 @@ class Config(Section):
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # run directory name
-    out_dir: str = "runs"
+    out_dir: str = "runs"  # relative to the working directory; may not climb out of it
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=1e-4))
     scheduler: Optional[SchedulerConfig] = None
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("out_dir")
+    @classmethod
+    def _out_dir_inside(cls, value: str) -> str:
+        path = Path(value)
+        if path.is_absolute() or ".." in path.parts or not value.strip():
+            raise ValueError(f"must be a relative path inside the working directory, without '..' (got {value!r})")
+        return value
 
     @model_validator(mode="after")
     def _loss_fits_task(self) -> "Config":
@@ -156,10 +164,20 @@ def optimizer_config(name: str, kwargs: dict[str, Any], source: str) -> Optimize
 def _error_line(err: dict, source: str) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
+        key = str(err["loc"][-1])
         model = _section_at(err["loc"][:-1])
-        hint = difflib.get_close_matches(str(err["loc"][-1]), list(model.model_fields), n=1) if model else []
-        valid = f"did you mean '{hint[0]}'?" if hint else f"valid keys: {', '.join(model.model_fields) if model else '?'}"
+        elsewhere = [f"{name}.{key}" for name, f in Config.model_fields.items()
+                     if isinstance(f.annotation, type) and issubclass(f.annotation, Section) and key in f.annotation.model_fields]
+        hint = difflib.get_close_matches(key, list(model.model_fields), n=1) if model else []
+        if elsewhere and len(err["loc"]) == 1:
+            valid = f"it belongs under {elsewhere[0].split('.')[0]}: ({elsewhere[0]})"
+        else:
+            valid = f"did you mean '{hint[0]}'?" if hint else f"valid keys: {', '.join(model.model_fields) if model else '?'}"
         return f"{source}: {loc}: unknown key ({valid})"
+    if err["type"] == "string_pattern_mismatch" and loc == "device":
+        return f"{source}: device: must be auto, cpu, cuda, cuda:N or mps (got {err.get('input')!r})"
+    if err["type"] == "string_pattern_mismatch" and loc == "name":
+        return f"{source}: name: must be a plain directory name of letters, digits, '.', '_' or '-' (got {err.get('input')!r})"
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "value_error" and isinstance(err.get("input"), dict):
         return f"{source}: {msg}"  # a cross-field check on a section: its message names the key itself

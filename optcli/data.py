@@ -74,16 +74,17 @@ def _load_mnist(cfg: DataConfig) -> tuple[Split, Split]:
     for train in (True, False):
         try:
             ds = MNIST(cfg.root, train=train, download=cfg.download)
-        except RuntimeError as exc:
-            if "not found" in str(exc).lower():
-                missing = [f for f in MNIST_FILES if not (raw / f).exists()]
+        except Exception as exc:  # torchvision raises RuntimeError, AssertionError, ValueError, URLError, ...
+            missing = [f for f in MNIST_FILES if not (raw / f).exists()]
+            detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            if missing and not cfg.download:
                 raise UserError(
                     f"data: MNIST not found in {raw} (missing {', '.join(missing)}); set data.download=true "
-                    f"to fetch it, or data.root to a folder holding MNIST/raw/"
-                ) from None
-            raise UserError(f"data: cannot read MNIST from {raw}: {exc}") from None
-        except (OSError, ValueError, AssertionError, IndexError) as exc:
-            raise UserError(f"data: cannot get MNIST into {raw}: {exc or type(exc).__name__}") from None
+                    f"to fetch it, or data.root to a folder holding MNIST/raw/") from None
+            if missing:
+                raise UserError(f"data: could not download MNIST into {raw} ({detail}); put the four IDX files "
+                                f"there by hand and set data.download=false") from None
+            raise UserError(f"data: the MNIST files in {raw} are corrupt or truncated ({detail})") from None
         images, labels = ds.data, ds.targets
         which = "train" if train else "t10k"
         if images.dim() != 3 or images.shape[1:] != (28, 28) or images.dtype != torch.uint8:

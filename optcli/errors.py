@@ -6,6 +6,10 @@ class UserError(Exception):
 
     exit_code = 2
 
+    def __init__(self, message: str):
+        # one line whatever the user typed: control characters in echoed input are shown escaped
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in message))
+
 
 class RunInterrupted(Exception):
     """Ctrl-C during training, after the last completed epoch was saved (exit code 130)."""

@@ -118,7 +118,7 @@ def check_optimizer(cfg: OptimizerConfig) -> None:
         loss_fn = lambda: probe(torch.ones(1, 2)).square().sum()  # noqa: E731
         loss_fn().backward()
         optimizer.step((lambda: loss_fn()) if needs_closure(optimizer) else None)
-    except (ValueError, TypeError, RuntimeError) as exc:
+    except Exception as exc:  # whatever torch makes of the user's keyword values is a user error here
         raise UserError(f"optimizer: {cls.__name__}({_fmt(kwargs)}) cannot train this model: {exc}") from None
 
 
