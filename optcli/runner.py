@@ -16,7 +16,8 @@ from optcli.data import Data, load_data
 from optcli.errors import RunInterrupted, UserError
 from optcli.model import build_model, check_model_config, resolve_device
 from optcli.optim import build_optimizer, build_scheduler, check_optimizer
-from optcli.runs import (atomic_write_text, create_run_dir, deferred_sigint, load_checkpoint, save_checkpoint,
+from optcli.runs import (atomic_write_text, create_run_dir, deferred_sigint, load_checkpoint, remove_stale_temp_files,
+                         save_checkpoint,
                          write_csv, write_json, write_jsonl)
 from optcli.train import History, fit
 
@@ -134,6 +135,7 @@ def train_run(cfg: Config, resume: Optional[str] = None, on_start: Optional[Call
     if checkpoint is not None:
         history = _restore(checkpoint, model, optimizer, scheduler, resume)
         run_dir = Path(resume)
+        remove_stale_temp_files(run_dir)
     else:
         run_dir = create_run_dir(cfg.out_dir, cfg.name, prefix="train-")
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
