@@ -18,6 +18,25 @@ ACTIVATION_CLASSES = {
 }
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout with a cheaper random mask on CPU, where drawing the mask dominates its cost.
+
+    F.dropout draws one Bernoulli sample per element (about 11 ns each on these CPUs, a third of an MNIST epoch).
+    Here one 64-bit random integer gives four 16-bit chunks; the low 15 bits of each are uniform, so an element is
+    dropped with probability round(p * 2**15) / 2**15 (within 2**-16 of p) and kept ones are scaled by the inverse
+    of the exact keep probability, keeping the output unbiased. Other devices use F.dropout, which is fused there.
+    It is an nn.Dropout: train()/eval() and everything that looks for Dropout modules treat it as one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        threshold = round(self.p * 32768)
+        bits = torch.empty(x.numel() // 4 + 1, dtype=torch.int64).random_()
+        chunks = bits.view(torch.int16)[: x.numel()].view(x.shape) & 0x7FFF
+        mask = (chunks >= threshold).to(x.dtype).mul_(32768 / (32768 - threshold))
+        return x * mask
+
+
 class MLP(nn.Sequential):
     """Named layers so parameter names read well: fc1.weight, bn1.running_mean, out.bias."""
 
@@ -31,7 +50,7 @@ class MLP(nn.Sequential):
                 layers[f"bn{i}"] = nn.BatchNorm1d(h)
             layers[f"act{i}"] = ACTIVATION_CLASSES[activation]()
             if dropout > 0:
-                layers[f"drop{i}"] = nn.Dropout(dropout)
+                layers[f"drop{i}"] = Dropout(dropout)
             width = h
         layers["out"] = nn.Linear(width, out_features)
         super().__init__(layers)

@@ -73,6 +73,11 @@ def test_verdict_separates_a_real_lead_from_seed_noise():
     v = verdict("final_train_loss", "final train loss", True, specs, clear, list(range(4)))
     assert v["best"] == "adam" and v["significant"] is True and v["p_value"] < 0.01
     assert v["ci"][0] > 0 and "larger than the seed-to-seed spread" in v["text"]
+    from scipy import stats  # the reference implementation of the same test
+
+    a, b = [2.0 + 0.02 * s for s in range(4)], [1.0 + 0.01 * s for s in range(4)]
+    assert v["p_value"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert v["ci"] == pytest.approx(list(stats.ttest_rel(a, b).confidence_interval(0.95)))
     noisy = [Trial("adam", s, _history([x])) for s, x in enumerate([1.0, 3.0, 1.2, 2.9])]
     noisy += [Trial("sgd", s, _history([x])) for s, x in enumerate([2.0, 1.0, 2.1, 1.1])]
     v = verdict("final_train_loss", "final train loss", True, specs, noisy, list(range(4)))
