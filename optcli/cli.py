@@ -10,11 +10,11 @@ from typing import List, Optional
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Train small PyTorch networks and compare torch.optim optimizers fairly.")
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config; the built-in regression task when absent.")
-SetOpt = typer.Option(None, "--set", help="Override a config key: --set optimizer.lr=3e-4 (repeatable).")
+ConfigOpt = typer.Option(None, "--config", "-c", metavar="FILE", help="YAML config; the built-in regression task when absent.")
+SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a config key: --set optimizer.lr=3e-4 (repeatable).")
 
 
 def user_errors(command):
@@ -41,7 +41,7 @@ def user_errors(command):
 def train(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[List[str]] = SetOpt,
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue runs/<name> from its last.pt."),
+    resume: Optional[Path] = typer.Option(None, "--resume", metavar="RUN_DIR", help="Continue runs/<name> from its last.pt."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
 ):
     """Train the MLP with any torch.optim optimizer.
@@ -65,14 +65,14 @@ def train(
 @app.command()
 @user_errors
 def compare(
-    optimizers: List[str] = typer.Argument(..., help="torch.optim names with optional settings: sgd:lr=0.1,momentum=0.9"),
+    optimizers: List[str] = typer.Argument(..., metavar="OPTIMIZER...", help="torch.optim names with optional settings: sgd:lr=0.1,momentum=0.9"),
     config: Optional[Path] = ConfigOpt,
-    seeds: int = typer.Option(1, "--seeds", help="Repeat every run for this many seeds (config seed, +1, ...)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Override train.epochs."),
+    seeds: int = typer.Option(1, "--seeds", metavar="K", help="Repeat every run for this many seeds (config seed, +1, ...)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", metavar="N", help="Override train.epochs."),
     set_: Optional[List[str]] = SetOpt,
     tune_lr: bool = typer.Option(False, "--tune-lr", help="Tune each optimizer's lr on the validation split first."),
-    tune_budget: int = typer.Option(5, "--tune-budget", help="Learning rates tried per optimizer with --tune-lr."),
-    jobs: int = typer.Option(1, "--jobs", "-j", help="Run trials in this many processes."),
+    tune_budget: int = typer.Option(5, "--tune-budget", metavar="N", help="Learning rates tried per optimizer with --tune-lr."),
+    jobs: int = typer.Option(1, "--jobs", "-j", metavar="N", help="Run trials in this many processes."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
 ):
     """Compare optimizers on the same model, data, initial weights and batch order, over seeds.
@@ -100,8 +100,8 @@ def compare(
 @user_errors
 def inspect_params(
     config: Optional[Path] = ConfigOpt,
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A run's last.pt (or its run directory)."),
-    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="Optimizer spec, e.g. sgd:lr=0.1."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", metavar="FILE", help="A run's last.pt (or its run directory)."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", metavar="SPEC", help="Optimizer spec, e.g. sgd:lr=0.1."),
     step: bool = typer.Option(False, "--step", help="Run one batch: gradients, update, SGD rule, accumulation."),
     set_: Optional[List[str]] = SetOpt,
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
