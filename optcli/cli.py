@@ -57,7 +57,8 @@ def train(
         return
     with report.TrainProgress(cfg.train.epochs) as progress:
         result = runner.train_run(cfg, str(resume) if resume else None, progress.start, progress.epoch, progress.batch)
-    report.print_train_result(result, cfg.train.log_every)
+    if result.primary:  # under torchrun only rank 0 reports
+        report.print_train_result(result, cfg.train.log_every)
     if result.history.status == "diverged":
         raise typer.Exit(1)
 

@@ -15,7 +15,9 @@ from optcli.config import Config, load_config, to_yaml
 from optcli.data import Data, load_data
 from optcli.errors import RunInterrupted, UserError
 from optcli.model import build_model, check_model_config, resolve_device
-from optcli.optim import build_optimizer, build_scheduler, check_optimizer
+from optcli import distributed
+from optcli.distributed import SINGLE, Dist
+from optcli.optim import build_optimizer, build_scheduler, check_optimizer, needs_closure, resolve_optimizer
 from optcli.runs import (atomic_write_text, create_run_dir, deferred_sigint, load_checkpoint, remove_stale_temp_files,
                          save_checkpoint,
                          write_csv, write_json, write_jsonl)
@@ -26,19 +28,27 @@ CHECKPOINT_INTERVAL_S = 1.0  # last.pt is rewritten at most this often (and alwa
 
 @dataclass
 class TrainResult:
-    run_dir: Path
+    run_dir: Optional[Path]  # None on the ranks of a torchrun job other than 0, which write nothing
     history: History
     summary: dict
     start_epoch: int  # 1, or the epoch a resumed run continued from
+    primary: bool = True  # rank 0 (or the only process): the one that prints
 
 
-def preflight(cfg: Config) -> torch.device:
+def preflight(cfg: Config, dist: Dist = SINGLE) -> torch.device:
     """Every check that needs torch, done before any data is loaded or any file is written."""
     check_model_config(cfg.model)
     check_optimizer(cfg.optimizer)
     if cfg.scheduler is not None:
         probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
         build_scheduler(probe, cfg.scheduler, cfg.train.epochs)
+    if dist.enabled:
+        if cfg.data.batch_size % dist.world:
+            raise UserError(f"data.batch_size: {cfg.data.batch_size} is not divisible by the torchrun world size "
+                            f"{dist.world}; each rank takes an equal shard of every batch")
+        if needs_closure(resolve_optimizer(cfg.optimizer.name)([torch.zeros(1, requires_grad=True)])):
+            raise UserError(f"optimizer: {cfg.optimizer.name} re-evaluates the loss in step() and is not supported "
+                            f"under torchrun; run it in one process")
     return resolve_device(cfg.device)
 
 
@@ -65,7 +75,7 @@ def training_state(model, optimizer, scheduler) -> dict:
     })
 
 
-def summarize(cfg: Config, history: History, device: torch.device, seconds: float) -> dict:
+def summarize(cfg: Config, history: History, device: torch.device, seconds: float, world: int = 1) -> dict:
     best = history.best()
     last = history.epochs[-1] if history.epochs else None
     return {
@@ -80,6 +90,7 @@ def summarize(cfg: Config, history: History, device: torch.device, seconds: floa
         "seconds": seconds,
         "seconds_per_epoch": (sum(e.seconds for e in history.epochs) / len(history.epochs)) if history.epochs else None,
         "device": str(device),
+        "world_size": world,  # processes of a torchrun job
         "torch": torch.__version__,
         "optimizer": cfg.optimizer.model_dump(mode="json"),
     }
@@ -92,8 +103,8 @@ class RunWriter:
     most every CHECKPOINT_INTERVAL_S, after the final epoch, and on Ctrl-C, when the epoch under way is
     abandoned and the copy of the last completed one is what gets saved."""
 
-    def __init__(self, run_dir: Path, cfg: Config, device: torch.device):
-        self.run_dir, self.cfg, self.device = run_dir, cfg, device
+    def __init__(self, run_dir: Path, cfg: Config, device: torch.device, world: int = 1):
+        self.run_dir, self.cfg, self.device, self.world = run_dir, cfg, device, world
         self.state: Optional[dict] = None
         self.history = History()
         self.last_write = 0.0
@@ -121,42 +132,66 @@ class RunWriter:
         write_csv(self.run_dir / "metrics.csv", rows)
         write_jsonl(self.run_dir / "metrics.jsonl", rows)
         write_json(self.run_dir / "summary.json",
-                   summarize(self.cfg, history, self.device, time.perf_counter() - self.started))
+                   summarize(self.cfg, history, self.device, time.perf_counter() - self.started, self.world))
 
 
 def train_run(cfg: Config, resume: Optional[str] = None, on_start: Optional[Callable] = None,
               on_epoch: Optional[Callable[[History], None]] = None,
               on_batch: Optional[Callable[[int, int, int], None]] = None) -> TrainResult:
-    device = preflight(cfg)
+    """One training run; under torchrun, one rank of a DistributedDataParallel job (only rank 0 writes and reports)."""
+    dist = distributed.from_env()
+    device = distributed.init(dist, preflight(cfg, dist))
+    try:
+        return _train(cfg, dist, device, resume, on_start, on_epoch, on_batch)
+    finally:
+        distributed.shutdown(dist)
+
+
+def _train(cfg: Config, dist: Dist, device: torch.device, resume: Optional[str], on_start, on_epoch, on_batch) -> TrainResult:
     checkpoint = load_checkpoint(Path(resume) / "last.pt") if resume else None
     data = load_data(cfg.data, cfg.seed, device)
     model, optimizer, scheduler = build_model_and_optimizer(cfg, data, device)
-    history = History()
-    if checkpoint is not None:
-        history = _restore(checkpoint, model, optimizer, scheduler, resume)
-        run_dir = Path(resume)
-        remove_stale_temp_files(run_dir)
-    else:
-        run_dir = create_run_dir(cfg.out_dir, cfg.name, prefix="train-")
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    history = _restore(checkpoint, model, optimizer, scheduler, resume) if checkpoint is not None else History()
+    train_model = model
+    if dist.enabled:  # the checkpoint keeps the unwrapped model, so DDP and single-process runs resume each other
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)
     start_epoch = len(history.epochs) + 1
-    writer = RunWriter(run_dir, cfg, device)
-    train_model = torch.compile(model) if cfg.train.compile else model
-    if on_start is not None:
-        on_start(run_dir, start_epoch, data)
+    writer = None
+    if dist.primary:
+        if resume:
+            run_dir = Path(resume)
+            remove_stale_temp_files(run_dir)
+        else:
+            run_dir = create_run_dir(cfg.out_dir, cfg.name, prefix="train-")
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        writer = RunWriter(run_dir, cfg, device, dist.world)
+        if on_start is not None:
+            on_start(run_dir, start_epoch, data)
+    else:
+        on_epoch = on_batch = None
 
     def epoch_done(h: History) -> None:
-        writer.epoch_done(h, model, optimizer, scheduler, force=h.status == "diverged" or len(h.epochs) == cfg.train.epochs)
+        if writer is not None:
+            writer.epoch_done(h, model, optimizer, scheduler, force=h.status == "diverged" or len(h.epochs) == cfg.train.epochs)
         if on_epoch is not None:
             on_epoch(h)
 
+    started = time.perf_counter()
     try:
-        history = fit(cfg, model, optimizer, scheduler, data, history, epoch_done, on_batch, train_model)
+        history = fit(cfg, model, optimizer, scheduler, data, history, epoch_done, on_batch, train_model, dist)
     except KeyboardInterrupt:
+        if writer is None:
+            raise
         writer.flush(status="interrupted")
-        raise RunInterrupted(str(run_dir)) from None
-    writer.flush(history=history)  # the final status and the test metrics
-    return TrainResult(run_dir, history, summarize(cfg, history, device, time.perf_counter() - writer.started), start_epoch)
+        raise RunInterrupted(str(writer.run_dir)) from None
+    if writer is not None:
+        writer.flush(history=history)  # the final status and the test metrics
+    summary = summarize(cfg, history, device, time.perf_counter() - started, dist.world)
+    return TrainResult(writer.run_dir if writer else None, history, summary, start_epoch, dist.primary)
 
 
 def _restore(checkpoint: dict, model, optimizer, scheduler, resume: str) -> History:

@@ -17,6 +17,7 @@ from torch import nn
 
 from optcli.config import Config
 from optcli.data import Data, Split, batches, epoch_permutation
+from optcli.distributed import SINGLE, Dist
 from optcli.optim import current_lr, is_plateau, needs_closure
 
 EVAL_BATCH = 8192  # evaluation needs no gradients, so large batches are cheap and fast
@@ -57,9 +58,9 @@ def _score(e: EpochMetrics) -> float:
     return e.val_loss if e.val_loss is not None else e.train_loss
 
 
-def make_loss(cfg: Config) -> nn.Module:
+def make_loss(cfg: Config, dist: Dist = SINGLE) -> nn.Module:
     cls = nn.CrossEntropyLoss if cfg.train.loss == "cross_entropy" else nn.MSELoss
-    return cls(reduction=cfg.train.reduction)
+    return cls(reduction="sum" if dist.enabled else cfg.train.reduction)
 
 
 def _sample_sum(loss: torch.Tensor, n: int, reduction: str) -> torch.Tensor:
@@ -69,16 +70,21 @@ def _sample_sum(loss: torch.Tensor, n: int, reduction: str) -> torch.Tensor:
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, split: Split,
                     batch_size: int, perm: torch.Tensor, accumulate: int = 1, grad_clip: Optional[float] = None,
-                    on_batch: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
-    """One pass over `split` in the order `perm`; returns each batch's loss summed over its samples (on device)."""
+                    on_batch: Optional[Callable[[int, int], None]] = None, dist: Dist = SINGLE,
+                    reduction: Optional[str] = None) -> torch.Tensor:
+    """One pass over `split` in the order `perm`; returns each batch's loss summed over its samples (on device).
+    Under torchrun each rank runs its shard of every batch with a summed loss, and `reduction` is the
+    configured one (see `loss_weight`)."""
+    reduction = reduction or loss_fn.reduction
     model.train()
     n_batches = math.ceil(len(split) / batch_size)
     losses = torch.zeros(n_batches, device=split.x.device)
     use_closure = needs_closure(optimizer)
     # with reduction="mean", k accumulated batches step like one batch k times larger; with "sum" they add up as is
-    scale = 1.0 / accumulate if loss_fn.reduction == "mean" else 1.0
+    scale = 1.0 / accumulate if reduction == "mean" else 1.0
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(batches(split, batch_size, perm)):
+        x, y, n_global = dist.shard(x), dist.shard(y), len(x)
         if use_closure:  # LBFGS re-evaluates the loss several times per step
 
             def closure():
@@ -90,7 +96,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn:
             loss = optimizer.step(closure)
         else:
             loss = loss_fn(model(x), y)
-            (loss * scale).backward()
+            (loss * scale * loss_weight(dist, n_global, reduction)).backward()
             if (i + 1) % accumulate == 0 or i + 1 == n_batches:
                 if grad_clip is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
@@ -99,43 +105,54 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn:
         losses[i] = _sample_sum(loss.detach(), len(x), loss_fn.reduction)
         if on_batch is not None:
             on_batch(i + 1, n_batches)
-    return losses
+    return dist.all_reduce_sum(losses)
+
+
+def loss_weight(dist: Dist, n_global: int, reduction: str) -> float:
+    """Under DDP each rank's loss is summed over its shard (make_loss), and DDP averages gradients over ranks:
+    scaling by world / global batch (or by world, for "sum") gives exactly the gradient of the global batch,
+    even when the last batch splits unevenly."""
+    if not dist.enabled:
+        return 1.0
+    return dist.world / n_global if reduction == "mean" else float(dist.world)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loss_fn: nn.Module, split: Split) -> tuple[float, Optional[float]]:
-    """(average loss, accuracy) over `split`; accuracy is None for regression."""
+def evaluate(model: nn.Module, loss_fn: nn.Module, split: Split, dist: Dist = SINGLE) -> tuple[float, Optional[float]]:
+    """(average loss, accuracy) over `split`; accuracy is None for regression. Each rank evaluates its shard."""
     model.eval()
-    total = torch.zeros((), device=split.x.device)
-    correct = torch.zeros((), device=split.x.device, dtype=torch.long)
+    x_all, y_all = dist.shard(split.x), dist.shard(split.y)
+    sums = torch.zeros(2, device=split.x.device)  # loss summed over samples, correct predictions
     classify = split.y.dtype == torch.long
-    for start in range(0, len(split), EVAL_BATCH):
-        x, y = split.x[start : start + EVAL_BATCH], split.y[start : start + EVAL_BATCH]
+    for start in range(0, len(x_all), EVAL_BATCH):
+        x, y = x_all[start : start + EVAL_BATCH], y_all[start : start + EVAL_BATCH]
         out = model(x)
-        total += _sample_sum(loss_fn(out, y), len(x), loss_fn.reduction)
+        sums[0] += _sample_sum(loss_fn(out, y), len(x), loss_fn.reduction)
         if classify:
-            correct += (out.argmax(dim=1) == y).sum()
-    return total.item() / len(split), (correct.item() / len(split) if classify else None)
+            sums[1] += (out.argmax(dim=1) == y).sum()
+    total, correct = dist.all_reduce_sum(sums).tolist()
+    return total / len(split), (correct / len(split) if classify else None)
 
 
 def fit(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data: Data,
         history: Optional[History] = None, on_epoch: Optional[Callable[[History], None]] = None,
-        on_batch: Optional[Callable[[int, int, int], None]] = None, train_model: Optional[nn.Module] = None) -> History:
+        on_batch: Optional[Callable[[int, int, int], None]] = None, train_model: Optional[nn.Module] = None,
+        dist: Dist = SINGLE) -> History:
     """Train from the epoch after the last one in `history` to cfg.train.epochs. `train_model` is the module
-    run forward in training (a torch.compile'd wrapper of `model`), `model` the one evaluated and saved."""
+    run forward in training (a DDP or torch.compile wrapper of `model`), `model` the one evaluated and saved."""
     history = history or History()
     train_model = train_model or model
-    loss_fn = make_loss(cfg)
+    loss_fn = make_loss(cfg, dist)
     device = data.train.x.device
     for epoch in range(len(history.epochs) + 1, cfg.train.epochs + 1):
         t0 = time.perf_counter()
         perm = epoch_permutation(len(data.train), cfg.seed, epoch, device)
         batch_cb = (lambda i, n: on_batch(epoch, i, n)) if on_batch else None
         losses = train_one_epoch(train_model, optimizer, loss_fn, data.train, cfg.data.batch_size, perm,
-                                 cfg.train.accumulate, cfg.train.grad_clip, batch_cb)
+                                 cfg.train.accumulate, cfg.train.grad_clip, batch_cb, dist, cfg.train.reduction)
         finite = torch.isfinite(losses)
         bad_step = None if bool(finite.all()) else int((~finite).nonzero()[0]) + 1
-        val_loss, val_acc = evaluate(model, loss_fn, data.val) if data.val is not None and bad_step is None else (None, None)
+        val_loss, val_acc = evaluate(model, loss_fn, data.val, dist) if data.val is not None and bad_step is None else (None, None)
         lr = current_lr(optimizer)
         train_loss = losses.sum().item() / len(data.train)
         if bad_step is None and val_loss is not None and not math.isfinite(val_loss):
@@ -151,5 +168,5 @@ def fit(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
             return history
     history.status = "completed"
     if data.test is not None:
-        history.test_loss, history.test_accuracy = evaluate(model, loss_fn, data.test)
+        history.test_loss, history.test_accuracy = evaluate(model, loss_fn, data.test, dist)
     return history
