@@ -65,7 +65,7 @@ def optcli_config(data_root: str, *extra: str):
 def time_optcli_epochs(data_root: str, epochs: int, *extra: str) -> list[float]:
     cfg = optcli_config(data_root, *extra)
     device = torch.device("cpu")
-    data = load_data(cfg.data, cfg.seed, device)
+    data = load_data(cfg.data, device)
     model, optimizer, _ = build_model_and_optimizer(cfg, data, device)
     run_model = torch.compile(model) if cfg.train.compile else model
     loss_fn = make_loss(cfg)

@@ -88,13 +88,24 @@ def compare(
     with report.CompareProgress(cfg.train.epochs) as p:
         result = run_comparison(cfg, optimizers, seeds, tune_lr, tune_budget, jobs,
                                 p.plan, p.trial_start, p.trial_done, p.epoch)
-    report.save_loss_plot(result, Path(result.run_dir) / "loss.png")
-    if json_out:
-        import json
+    show_comparison(result, json_out)
 
-        typer.echo(json.dumps(result.to_dict(), default=str))
-    else:
-        report.print_comparison(result)
+
+@app.command()
+@user_errors
+def merge(
+    run_dirs: List[Path] = typer.Argument(..., metavar="RUN_DIR...", help="runs/compare-* directories to merge."),
+    name: Optional[str] = typer.Option(None, "--name", help="Name of the merged run directory."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
+):
+    """Merge comparisons of the same optimizers run apart (other seeds, other machines) into one.
+
+    Example: optcli merge runs/compare-seeds0-1 runs/compare-seeds2-3 --name all-seeds
+    """
+    from optcli.merge import merge_comparisons
+
+    result = merge_comparisons([str(d) for d in run_dirs], name=name)
+    show_comparison(result, json_out)
 
 
 @app.command("inspect-params")
@@ -142,6 +153,18 @@ def optimizers(json_out: bool = typer.Option(False, "--json", help="Print JSON i
         typer.echo(json.dumps(rows, indent=2, default=str))
     else:
         report.console.print(report.optimizers_table(rows))
+
+
+def show_comparison(result, json_out: bool) -> None:
+    from optcli import report
+
+    report.save_loss_plot(result, Path(result.run_dir) / "loss.png")
+    if json_out:
+        import json
+
+        typer.echo(json.dumps(result.to_dict(), default=str))
+    else:
+        report.print_comparison(result)
 
 
 def main() -> None:  # pragma: no cover - the console script entry point is `app`

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -65,7 +65,6 @@ class Comparison:
     wall_seconds: float = 0.0
     epoch_seconds: float = 0.0  # time inside training epochs, summed over trials
     jobs: int = 1
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -275,7 +274,7 @@ def run_comparison(cfg: Config, spec_texts: list[str], seeds: int = 1, tune_lr: 
 
         runner = ParallelRunner(cfg, jobs, on_trial_done)
     else:
-        data = load_data(cfg.data, cfg.seed, device)  # once for the whole comparison
+        data = load_data(cfg.data, device)  # once for the whole comparison
         runner = serial_runner(cfg, data, on_trial_start, on_trial_done, on_epoch)
     try:
         tuning, tune_trials = tune_learning_rates(specs, tune_budget, seed_list[0], runner) if tune_lr else (None, [])
@@ -284,20 +283,26 @@ def run_comparison(cfg: Config, spec_texts: list[str], seeds: int = 1, tune_lr: 
     finally:
         if hasattr(runner, "close"):
             runner.close()
-    verdicts = [v for key, name, lower in METRICS if (v := verdict(key, name, lower, specs, trials, seed_list))]
-    comparison = Comparison(
-        specs, seed_list, cfg.train.epochs, "classification" if cfg.data.name == "mnist" else "regression", trials,
-        aggregate(specs, trials), verdicts, curves(specs, trials, cfg.train.epochs), tuning, jobs=jobs,
-        epoch_seconds=sum(e.seconds for t in tune_trials + trials for e in t.history.epochs))
+    task = "classification" if cfg.data.name == "mnist" else "regression"
+    comparison = build_comparison(specs, seed_list, cfg.train.epochs, task, trials, tuning, jobs,
+                                  sum(e.seconds for t in tune_trials + trials for e in t.history.epochs))
     run_dir = create_run_dir(cfg.out_dir, cfg.name and f"compare-{cfg.name}", prefix="compare-")
     comparison.run_dir = str(run_dir)
     comparison.wall_seconds = time.perf_counter() - started
-    write_comparison(cfg, comparison, run_dir)
+    write_comparison(to_yaml(cfg), comparison, run_dir)
     return comparison
 
 
-def write_comparison(cfg: Config, comparison: Comparison, run_dir) -> None:
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg) + yaml_specs(comparison))
+def build_comparison(specs: list[OptimizerSpec], seeds: list[int], epochs: int, task: str, trials: list[Trial],
+                     tuning: Optional[dict] = None, jobs: int = 1, epoch_seconds: float = 0.0) -> Comparison:
+    """Tables, verdicts and curves from the trials: the same whether they ran here or came from several machines."""
+    verdicts = [v for key, name, lower in METRICS if (v := verdict(key, name, lower, specs, trials, seeds))]
+    return Comparison(specs, seeds, epochs, task, trials, aggregate(specs, trials), verdicts,
+                      curves(specs, trials, epochs), tuning, jobs=jobs, epoch_seconds=epoch_seconds)
+
+
+def write_comparison(config_yaml: str, comparison: Comparison, run_dir) -> None:
+    atomic_write_text(run_dir / "config.yaml", config_yaml + yaml_specs(comparison))
     rows = [{"optimizer": t.label, "seed": t.seed, **{k: v for k, v in vars(e).items()}}
             for t in comparison.trials for e in t.history.epochs]
     write_csv(run_dir / "metrics.csv", rows)

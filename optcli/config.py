@@ -50,6 +50,7 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     name: Literal["mnist", "regression"] = "regression"
+    seed: int = 0  # the synthetic data and the train/validation split; kept apart from the run's seed
     root: str = "data"  # torchvision root: MNIST lives in <root>/MNIST/raw
     download: bool = True  # fetch MNIST when it is missing
     batch_size: int = Field(64, gt=0)

@@ -42,8 +42,10 @@ class Data:
         return Data(move(self.train), move(self.val), move(self.test), self.task, self.in_features, self.out_features)
 
 
-def load_data(cfg: DataConfig, seed: int, device: torch.device) -> Data:
-    """The task's data on `device`, with `val_fraction` of the training split held out by a seeded split."""
+def load_data(cfg: DataConfig, device: torch.device) -> Data:
+    """The task's data on `device`, with `val_fraction` of the training split held out by a split seeded by
+    data.seed: every run and every seed of a comparison sees the same data, wherever it runs."""
+    seed = cfg.seed
     if cfg.name == "mnist":
         train, test = _load_mnist(cfg)
         task, n_in, n_out = "classification", 28 * 28, 10

@@ -122,7 +122,7 @@ def describe_modes(model: nn.Module) -> dict:
 
 def one_step(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict:
     """One batch through zero_grad, forward, backward, step; then the gradient-accumulation experiment."""
-    data = load_data(cfg.data, cfg.seed, device)
+    data = load_data(cfg.data, device)
     idx = epoch_permutation(len(data.train), cfg.seed, 1, device)[: cfg.data.batch_size]
     x, y = data.train.x[idx], data.train.y[idx]
     loss_fn = make_loss(cfg)

@@ -31,7 +31,7 @@ def _init_worker(cfg_json: dict, threads: int) -> None:
     torch.set_num_threads(threads)
     cfg = Config.model_validate(cfg_json)
     _worker["cfg"] = cfg
-    _worker["data"] = load_data(cfg.data, cfg.seed, resolve_device(cfg.device))
+    _worker["data"] = load_data(cfg.data, resolve_device(cfg.device))
 
 
 def _run(spec, seed: int):

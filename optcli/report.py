@@ -135,7 +135,7 @@ def mean_pm(mean: Optional[float], std: Optional[float], as_pct: bool = False) -
         return "—"
     if as_pct:
         return pct(mean) + (f" ± {100 * std:.2f}" if std is not None else "")
-    return fmt(mean) + (f" ± {fmt(std, 2)}" if std is not None else "")
+    return fmt(mean) + (f" ± {std:.2g}" if std is not None else "")
 
 
 SPARKS = "▁▂▃▄▅▆▇█"
@@ -237,8 +237,9 @@ def print_comparison(c) -> None:
     if not c.verdicts:
         console.print("  fewer than two optimizers completed every seed: no verdict")
     outside = c.wall_seconds - c.epoch_seconds / c.jobs
-    console.print(f"wall time {c.wall_seconds:.1f} s ({c.epoch_seconds:.1f} s inside training epochs"
-                  + (f", {c.jobs} jobs" if c.jobs > 1 else f", {max(outside, 0):.1f} s outside") + ")")
+    if c.wall_seconds:
+        console.print(f"wall time {c.wall_seconds:.1f} s ({c.epoch_seconds:.1f} s inside training epochs"
+                      + (f", {c.jobs} jobs" if c.jobs > 1 else f", {max(outside, 0):.1f} s outside") + ")")
     console.print(f"files: {c.run_dir}")
 
 

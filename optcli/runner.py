@@ -149,7 +149,7 @@ def train_run(cfg: Config, resume: Optional[str] = None, on_start: Optional[Call
 
 def _train(cfg: Config, dist: Dist, device: torch.device, resume: Optional[str], on_start, on_epoch, on_batch) -> TrainResult:
     checkpoint = load_checkpoint(Path(resume) / "last.pt") if resume else None
-    data = load_data(cfg.data, cfg.seed, device)
+    data = load_data(cfg.data, device)
     model, optimizer, scheduler = build_model_and_optimizer(cfg, data, device)
     history = _restore(checkpoint, model, optimizer, scheduler, resume) if checkpoint is not None else History()
     train_model = model

@@ -175,3 +175,32 @@ def test_parallel_jobs_give_the_serial_results(tiny_mnist):
     strip = lambda s: [[{k: v for k, v in e.items() if k != "seconds"} for e in t["epochs"]] for t in s["trials"]]  # noqa: E731
     assert strip(serial) == strip(parallel)
     assert parallel["jobs"] == 2
+
+
+def test_comparisons_run_apart_merge_into_the_one_run_together(tmp_path):
+    common = ["sgd:lr=0.01", "adam", *FAST, "--json"]
+    whole = json.loads(cli("compare", *common, "--seeds", "3", "--set", "name=whole").stdout)
+    assert cli("compare", *common, "--seeds", "2", "--set", "seed=0", "--set", "name=a").exit_code == 0
+    assert cli("compare", *common, "--seeds", "1", "--set", "seed=2", "--set", "name=b").exit_code == 0
+    result = cli("merge", tmp_path / "runs" / "compare-a", tmp_path / "runs" / "compare-b", "--name", "ab", "--json")
+    assert result.exit_code == 0, result.output
+    merged = json.loads(result.stdout)
+    assert merged["seeds"] == [0, 1, 2]
+    key = lambda t: (t["label"], t["seed"])  # noqa: E731
+    losses = lambda s: {key(t): [e["train_loss"] for e in t["epochs"]] for t in s["trials"]}  # noqa: E731
+    assert losses(merged) == losses(whole)
+    for a, b in zip(merged["rows"], whole["rows"]):
+        assert a["final_train_loss"] == b["final_train_loss"] and a["final_train_loss_std"] == b["final_train_loss_std"]
+    assert [v["text"] for v in merged["verdicts"]] == [v["text"] for v in whole["verdicts"]]
+    assert (tmp_path / "runs" / "compare-ab" / "loss.png").exists()
+
+
+def test_merge_refuses_unlike_or_overlapping_comparisons(tmp_path):
+    assert cli("compare", "sgd", "adam", *FAST, "--set", "name=a").exit_code == 0
+    assert cli("compare", "sgd", "rmsprop", *FAST, "--set", "name=b").exit_code == 0
+    result = cli("merge", tmp_path / "runs" / "compare-a", tmp_path / "runs" / "compare-b")
+    assert result.exit_code == 2 and "differs from" in result.output and "in specs" in result.output
+    result = cli("merge", tmp_path / "runs" / "compare-a", tmp_path / "runs" / "compare-a")
+    assert result.exit_code == 2 and "sgd seed 0 is in both" in result.output
+    result = cli("merge", tmp_path / "runs" / "compare-a", tmp_path)
+    assert result.exit_code == 2 and "not a comparison run directory" in result.output

@@ -56,7 +56,7 @@ def test_mnist_tensors_are_normalized_like_pytorch_examples(tiny_mnist):
 
     cfg = load_config(None, ["data.name=mnist", f"data.root={tiny_mnist}", "data.download=false",
                              "train.loss=cross_entropy", "data.val_fraction=0"])
-    data = load_data(cfg.data, 0, torch.device("cpu"))
+    data = load_data(cfg.data, torch.device("cpu"))
     reference = datasets.MNIST(tiny_mnist, train=True, download=False, transform=transforms.Compose(
         [transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))]))
     image, label = reference[5]
@@ -68,12 +68,12 @@ def test_same_seed_same_initial_weights_whatever_the_optimizer():
     weights = []
     for spec in (["optimizer.name=sgd", "optimizer.lr=0.1"], ["optimizer.name=rmsprop"]):
         cfg = load_config(None, spec + ["data.samples=16"])
-        data = load_data(cfg.data, cfg.seed, torch.device("cpu"))
+        data = load_data(cfg.data, torch.device("cpu"))
         model, _, _ = build_model_and_optimizer(cfg, data, torch.device("cpu"))
         weights.append(model.state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     cfg = load_config(None, ["seed=1", "data.samples=16"])
-    other, _, _ = build_model_and_optimizer(cfg, load_data(cfg.data, 1, torch.device("cpu")), torch.device("cpu"))
+    other, _, _ = build_model_and_optimizer(cfg, load_data(cfg.data, torch.device("cpu")), torch.device("cpu"))
     assert not torch.equal(other.state_dict()["fc1.weight"], weights[0]["fc1.weight"])
 
 
@@ -112,7 +112,7 @@ def test_training_variants_reduce_the_loss(spec, tmp_path):
 def test_param_group_overrides_by_glob():
     cfg = load_config(None, ["optimizer.name=adamw", "optimizer.weight_decay=0.1",
                              "optimizer.groups=[{params: ['*.bias'], weight_decay: 0.0}]"])
-    data = load_data(cfg.data, 0, torch.device("cpu"))
+    data = load_data(cfg.data, torch.device("cpu"))
     _, optimizer, _ = build_model_and_optimizer(cfg, data, torch.device("cpu"))
     by_name = {n: g["weight_decay"] for g in optimizer.param_groups for n in g["param_names"]}
     assert by_name == {"fc1.weight": 0.1, "out.weight": 0.1, "fc1.bias": 0.0, "out.bias": 0.0}
@@ -152,7 +152,7 @@ def test_torch_level_errors_exit_2_before_any_file(override, fragment, tmp_path)
 @pytest.mark.parametrize("init", ["xavier_uniform", "kaiming_normal", "orthogonal"])
 def test_init_schemes_by_torch_name(init):
     cfg = load_config(None, [f"model.init={init}"])
-    data = load_data(cfg.data, 0, torch.device("cpu"))
+    data = load_data(cfg.data, torch.device("cpu"))
     model, _, _ = build_model_and_optimizer(cfg, data, torch.device("cpu"))
     default_cfg = load_config(None, [])
     default, _, _ = build_model_and_optimizer(default_cfg, data, torch.device("cpu"))

@@ -1,0 +1,75 @@
+"""Merge comparisons run apart (other machines, other seeds) into one: the trials in each summary.json carry
+their optimizer label, seed and full per-epoch history, so the tables and the verdict are rebuilt from them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from optcli.compare import Comparison, OptimizerSpec, Trial, build_comparison, write_comparison
+from optcli.config import read_yaml
+from optcli.errors import UserError
+from optcli.runs import create_run_dir
+from optcli.train import History
+
+SECTION_KEYS = ("specs", "seeds", "epochs", "task", "trials")
+
+
+def _read(run_dir: Path) -> tuple[dict, dict]:
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no summary.json; not a comparison run directory")
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        missing = [k for k in SECTION_KEYS if k not in summary]
+        if missing:
+            raise UserError(f"{path}: not a comparison summary (missing {', '.join(missing)})")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    return summary, _config_of(run_dir)
+
+
+def _config_of(run_dir: Path) -> dict:
+    """The resolved config a comparison ran with, without its own bookkeeping (specs, seeds, sources)."""
+    config = read_yaml(Path(run_dir) / "config.yaml") if (Path(run_dir) / "config.yaml").is_file() else {}
+    return {k: v for k, v in (config if isinstance(config, dict) else {}).items() if k not in ("compare", "merged_from")}
+
+
+def merge_comparisons(run_dirs: list[str], out_dir: str = "runs", name: str | None = None) -> Comparison:
+    """One comparison from several with the same optimizers and epochs; a (optimizer, seed) pair may appear once."""
+    if len(run_dirs) < 2:
+        raise UserError("merge: name at least two comparison run directories")
+    summaries = [_read(Path(d)) for d in run_dirs]
+    first, config = summaries[0]
+    specs = [OptimizerSpec(s["label"], s["name"], s["kwargs"]) for s in first["specs"]]
+    trials: list[Trial] = []
+    seen: dict[tuple[str, int], str] = {}
+    for run_dir, (summary, _) in zip(run_dirs, summaries):
+        for key in ("specs", "epochs", "task"):
+            if summary[key] != first[key]:
+                raise UserError(f"merge: {run_dir} differs from {run_dirs[0]} in {key}; only like comparisons merge")
+        other = {k: v for k, v in _config_of(run_dir).items() if k not in ("seed", "name")}
+        if other != {k: v for k, v in config.items() if k not in ("seed", "name")}:
+            diff = sorted(k for k in set(other) | set(config) if other.get(k) != config.get(k))
+            raise UserError(f"merge: {run_dir} was run with another config than {run_dirs[0]} ({', '.join(diff)})")
+        for t in summary["trials"]:
+            pair = (t["label"], t["seed"])
+            if pair in seen:
+                raise UserError(f"merge: {t['label']} seed {t['seed']} is in both {seen[pair]} and {run_dir}")
+            seen[pair] = run_dir
+            history = History.from_dict({k: t[k] for k in ("epochs", "status", "diverged_at", "test_loss", "test_accuracy")})
+            trials.append(Trial(t["label"], t["seed"], history))
+    seeds = sorted({t.seed for t in trials})
+    for spec in specs:
+        have = {t.seed for t in trials if t.label == spec.label}
+        if have != set(seeds):
+            raise UserError(f"merge: {spec.label} lacks seed(s) {sorted(set(seeds) - have)}; every optimizer needs every seed")
+    comparison = build_comparison(specs, seeds, first["epochs"], first["task"], trials,
+                                  epoch_seconds=sum(e.seconds for t in trials for e in t.history.epochs))
+    run_dir = create_run_dir(out_dir, name and f"compare-{name}", prefix="compare-merged-")
+    comparison.run_dir = str(run_dir)
+    config_yaml = yaml.safe_dump({**config, "merged_from": [str(d) for d in run_dirs]}, sort_keys=False)
+    write_comparison(config_yaml, comparison, run_dir)
+    return comparison
