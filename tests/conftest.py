@@ -20,7 +20,8 @@ def in_tmp(tmp_path, monkeypatch):
 
 
 def cli(*args: str):
-    return CliRunner().invoke(app, [str(a) for a in args])
+    """Run optcli as a user would, on a wide terminal so that table cells are not wrapped."""
+    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "250"})
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
