@@ -18,7 +18,7 @@ from optcli.data import Data, load_data
 from optcli.errors import UserError
 from optcli.model import build_model, check_model_config, resolve_device
 from optcli.optim import build_optimizer, build_scheduler, check_kwargs, check_optimizer, parse_spec, resolve_optimizer, signature_defaults
-from optcli.runner import seed_everything
+from optcli.runner import configure_process, seed_everything
 from optcli.runs import atomic_write_text, create_run_dir, write_csv, write_json
 from optcli.train import History, fit
 
@@ -266,6 +266,7 @@ def run_comparison(cfg: Config, spec_texts: list[str], seeds: int = 1, tune_lr: 
     if tune_lr and cfg.data.val_fraction == 0:
         raise UserError("--tune-lr: needs a validation split; set data.val_fraction > 0")
     device = resolve_device(cfg.device)
+    configure_process(cfg)
     seed_list = [cfg.seed + i for i in range(seeds)]
     if on_plan:
         on_plan(len(specs) * (len(seed_list) + (tune_budget if tune_lr else 0)))

@@ -15,7 +15,7 @@ from optcli.data import epoch_permutation, load_data, task_shape
 from optcli.errors import UserError
 from optcli.model import build_model, resolve_device
 from optcli.optim import build_optimizer, check_optimizer, needs_closure, parse_spec, resolve_optimizer
-from optcli.runner import seed_everything
+from optcli.runner import configure_process, seed_everything
 from optcli.runs import load_checkpoint
 from optcli.train import make_loss
 
@@ -191,6 +191,7 @@ def inspect_params(cfg: Config, checkpoint: Optional[str] = None, optimizer_spec
         cfg = cfg.model_copy(update={"optimizer": optimizer_config(resolve_optimizer(name).__name__, kwargs, f"--optimizer {optimizer_spec}")})
     check_optimizer(cfg.optimizer)
     device = resolve_device(cfg.device)
+    configure_process(cfg)
     seed_everything(cfg.seed)
     model = build_model(cfg.model, *task_shape(cfg.data)).to(device)
     optimizer = build_optimizer(model, cfg.optimizer, device, fused=cfg.train.fused)

@@ -27,9 +27,11 @@ def _init_worker(cfg_json: dict, threads: int) -> None:
     from optcli.config import Config
     from optcli.data import load_data
     from optcli.model import resolve_device
+    from optcli.runner import configure_process
 
     torch.set_num_threads(threads)
     cfg = Config.model_validate(cfg_json)
+    configure_process(cfg)
     _worker["cfg"] = cfg
     _worker["data"] = load_data(cfg.data, resolve_device(cfg.device))
 

@@ -56,6 +56,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds CPU and every CUDA device
 
 
+def configure_process(cfg: Config) -> None:
+    """Process-wide torch settings a run depends on, the same for every run so that results repeat."""
+    torch.set_flush_denormal(cfg.train.flush_denormal)  # subnormal arithmetic is very slow on x86 CPUs
+
+
 def build_model_and_optimizer(cfg: Config, data: Data, device: torch.device):
     seed_everything(cfg.seed)  # the same seed gives the same initial weights whatever the optimizer
     model = build_model(cfg.model, data.in_features, data.out_features).to(device)
@@ -141,6 +146,7 @@ def train_run(cfg: Config, resume: Optional[str] = None, on_start: Optional[Call
     """One training run; under torchrun, one rank of a DistributedDataParallel job (only rank 0 writes and reports)."""
     dist = distributed.from_env()
     device = distributed.init(dist, preflight(cfg, dist))
+    configure_process(cfg)
     try:
         return _train(cfg, dist, device, resume, on_start, on_epoch, on_batch)
     finally:
