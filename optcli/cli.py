@@ -4,7 +4,6 @@ the result. torch is imported only inside command bodies, so `optcli --help` sta
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -74,6 +73,8 @@ def compare(
     tune_lr: bool = typer.Option(False, "--tune-lr", help="Tune each optimizer's lr on the validation split first."),
     tune_budget: int = typer.Option(5, "--tune-budget", metavar="N", help="Learning rates tried per optimizer with --tune-lr."),
     jobs: int = typer.Option(1, "--jobs", "-j", metavar="N", help="Run trials in this many processes."),
+    threads: Optional[int] = typer.Option(None, "--threads", metavar="N",
+                                          help="torch threads per trial (default: cores, or cores // jobs)."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
 ):
     """Compare optimizers on the same model, data, initial weights and batch order, over seeds.
@@ -86,7 +87,7 @@ def compare(
 
     cfg = load_config(config, (set_ or []) + ([f"train.epochs={epochs}"] if epochs is not None else []))
     with report.CompareProgress(cfg.train.epochs) as p:
-        result = run_comparison(cfg, optimizers, seeds, tune_lr, tune_budget, jobs,
+        result = run_comparison(cfg, optimizers, seeds, tune_lr, tune_budget, jobs, threads,
                                 p.plan, p.trial_start, p.trial_done, p.epoch)
     show_comparison(result, json_out)
 
@@ -167,9 +168,3 @@ def show_comparison(result, json_out: bool) -> None:
         report.print_comparison(result)
 
 
-def main() -> None:  # pragma: no cover - the console script entry point is `app`
-    app(prog_name="optcli")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

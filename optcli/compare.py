@@ -16,9 +16,9 @@ import torch
 from optcli.config import Config, optimizer_config, to_yaml
 from optcli.data import Data, load_data
 from optcli.errors import UserError
-from optcli.model import build_model, check_model_config, resolve_device
-from optcli.optim import build_optimizer, build_scheduler, check_kwargs, check_optimizer, parse_spec, resolve_optimizer, signature_defaults
-from optcli.runner import configure_process, seed_everything
+from optcli.model import check_model_config, resolve_device
+from optcli.optim import check_kwargs, check_optimizer, check_scheduler, parse_spec, resolve_optimizer, signature_defaults
+from optcli.runner import build_model_and_optimizer, configure_process, seed_everything
 from optcli.runs import atomic_write_text, create_run_dir, write_csv, write_json
 from optcli.train import History, fit
 
@@ -100,11 +100,7 @@ def run_trial(cfg: Config, data: Data, spec: OptimizerSpec, seed: int,
     """One (optimizer, seed) run. The initial weights, the batch order and the dropout masks are functions of
     the seed alone, so every optimizer of a seed starts from the same point, in any process."""
     cfg = cfg.model_copy(update={"seed": seed, "optimizer": spec.config()})
-    device = data.train.x.device
-    seed_everything(seed)
-    model = build_model(cfg.model, data.in_features, data.out_features).to(device)
-    optimizer = build_optimizer(model, cfg.optimizer, device, fused=cfg.train.fused)
-    scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.train.epochs)
+    model, optimizer, scheduler = build_model_and_optimizer(cfg, data, data.train.x.device)
     seed_everything(seed)  # the same dropout masks for every optimizer of this seed
     return fit(cfg, model, optimizer, scheduler, data, on_epoch=on_epoch)
 
@@ -129,9 +125,8 @@ def _tune_score(history: History) -> float:
 def tune_learning_rates(specs: list[OptimizerSpec], budget: int, seed: int, run: Callable) -> tuple[dict, list[Trial]]:
     """The same budget of learning rates for every optimizer, judged on the validation split only."""
     grids = {s.label: lr_grid(s, budget) for s in specs}
-    jobs = [(OptimizerSpec(s.label, s.name, {**s.kwargs, "lr": lr}), seed) for s in specs for lr in grids[s.label]]
-    histories = run(jobs)
-    trials = [Trial(spec.label, seed, h, spec.kwargs["lr"]) for (spec, _), h in zip(jobs, histories)]
+    plan = [(OptimizerSpec(s.label, s.name, {**s.kwargs, "lr": lr}), seed) for s in specs for lr in grids[s.label]]
+    trials = [Trial(spec.label, seed, h, spec.kwargs["lr"]) for (spec, _), h in zip(plan, run(plan))]
     tuning = {"budget": budget, "seed": seed, "selected_by": "best validation loss", "optimizers": {}}
     for spec in specs:
         tried = [t for t in trials if t.label == spec.label]
@@ -249,20 +244,21 @@ def serial_runner(cfg: Config, data: Data, on_trial_start: Optional[Callable], o
 
 
 def run_comparison(cfg: Config, spec_texts: list[str], seeds: int = 1, tune_lr: bool = False, tune_budget: int = 5,
-                   jobs: int = 1, on_plan: Optional[Callable[[int], None]] = None,
+                   jobs: int = 1, threads: Optional[int] = None, on_plan: Optional[Callable[[int], None]] = None,
                    on_trial_start: Optional[Callable[[str, int], None]] = None,
                    on_trial_done: Optional[Callable[[str, int, History], None]] = None,
                    on_epoch: Optional[Callable[[History], None]] = None) -> Comparison:
     """Every optimizer x seed, from the same initial weights and batches per seed; files under runs/compare-*/.
-    With jobs > 1 the trials run in separate processes (see parallel.py), with the same results."""
+    With jobs > 1 the trials run in separate processes (see parallel.py). `threads` is torch's thread count per
+    trial (default: all cores serially, cores // jobs in parallel); with equal thread counts serial and parallel
+    runs give bit-identical results, since torch splits parallel sums by thread."""
     started = time.perf_counter()
-    for flag, value in (("--seeds", seeds), ("--tune-budget", tune_budget), ("--jobs", jobs)):
+    for flag, value in (("--seeds", seeds), ("--tune-budget", tune_budget), ("--jobs", jobs), ("--threads", threads or 1)):
         if value < 1:
             raise UserError(f"{flag}: must be at least 1 (got {value})")
     specs = parse_specs(spec_texts)
     check_model_config(cfg.model)
-    if cfg.scheduler is not None:
-        build_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), cfg.scheduler, cfg.train.epochs)
+    check_scheduler(cfg.scheduler, cfg.train.epochs)
     if tune_lr and cfg.data.val_fraction == 0:
         raise UserError("--tune-lr: needs a validation split; set data.val_fraction > 0")
     device = resolve_device(cfg.device)
@@ -273,8 +269,10 @@ def run_comparison(cfg: Config, spec_texts: list[str], seeds: int = 1, tune_lr: 
     if jobs > 1:
         from optcli.parallel import ParallelRunner
 
-        runner = ParallelRunner(cfg, jobs, on_trial_done)
+        runner = ParallelRunner(cfg, jobs, threads, on_trial_done)
     else:
+        if threads is not None:
+            torch.set_num_threads(threads)
         data = load_data(cfg.data, device)  # once for the whole comparison
         runner = serial_runner(cfg, data, on_trial_start, on_trial_done, on_epoch)
     try:

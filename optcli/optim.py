@@ -65,9 +65,10 @@ def check_kwargs(where: str, cls: type, kwargs: dict[str, Any]) -> dict[str, Any
     return {k: tuple(v) if isinstance(v, list) and isinstance(defaults[k], tuple) else v for k, v in kwargs.items()}
 
 
-def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+def needs_closure(optimizer: torch.optim.Optimizer | type) -> bool:
     """LBFGS-style optimizers re-evaluate the loss and must get a closure in step()."""
-    closure = inspect.signature(type(optimizer).step).parameters.get("closure")
+    cls = optimizer if isinstance(optimizer, type) else type(optimizer)
+    closure = inspect.signature(cls.step).parameters.get("closure")
     return closure is not None and closure.default is inspect.Parameter.empty
 
 
@@ -151,6 +152,12 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device
         return cls(groups, **kwargs)
     except (ValueError, TypeError, RuntimeError) as exc:
         raise UserError(f"optimizer: {cls.__name__}({_fmt(kwargs)}): {exc}") from None
+
+
+def check_scheduler(cfg: SchedulerConfig | None, epochs: int) -> None:
+    """The scheduler's name and keywords, checked on a stand-in optimizer before any data is loaded."""
+    if cfg is not None:
+        build_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), cfg, epochs)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig | None, epochs: int):

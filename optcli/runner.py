@@ -14,13 +14,13 @@ import torch
 from optcli.config import Config, load_config, to_yaml
 from optcli.data import Data, load_data
 from optcli.errors import RunInterrupted, UserError
-from optcli.model import build_model, check_model_config, resolve_device
 from optcli import distributed
 from optcli.distributed import SINGLE, Dist
-from optcli.optim import build_optimizer, build_scheduler, check_optimizer, needs_closure, resolve_optimizer
+from optcli.model import build_model, check_model_config, resolve_device
+from optcli.optim import (build_optimizer, build_scheduler, check_optimizer, check_scheduler, needs_closure,
+                          resolve_optimizer)
 from optcli.runs import (atomic_write_text, create_run_dir, deferred_sigint, load_checkpoint, remove_stale_temp_files,
-                         save_checkpoint,
-                         write_csv, write_json, write_jsonl)
+                         save_checkpoint, write_csv, write_json, write_jsonl)
 from optcli.train import History, fit
 
 CHECKPOINT_INTERVAL_S = 1.0  # last.pt is rewritten at most this often (and always after the final epoch)
@@ -39,14 +39,12 @@ def preflight(cfg: Config, dist: Dist = SINGLE) -> torch.device:
     """Every check that needs torch, done before any data is loaded or any file is written."""
     check_model_config(cfg.model)
     check_optimizer(cfg.optimizer)
-    if cfg.scheduler is not None:
-        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-        build_scheduler(probe, cfg.scheduler, cfg.train.epochs)
+    check_scheduler(cfg.scheduler, cfg.train.epochs)
     if dist.enabled:
         if cfg.data.batch_size % dist.world:
             raise UserError(f"data.batch_size: {cfg.data.batch_size} is not divisible by the torchrun world size "
                             f"{dist.world}; each rank takes an equal shard of every batch")
-        if needs_closure(resolve_optimizer(cfg.optimizer.name)([torch.zeros(1, requires_grad=True)])):
+        if needs_closure(resolve_optimizer(cfg.optimizer.name)):
             raise UserError(f"optimizer: {cfg.optimizer.name} re-evaluates the loss in step() and is not supported "
                             f"under torchrun; run it in one process")
     return resolve_device(cfg.device)
