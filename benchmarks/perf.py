@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from optcli.config import load_config  # noqa: E402
 from optcli.data import epoch_permutation, load_data  # noqa: E402
-from optcli.runner import build_model_and_optimizer, configure_process  # noqa: E402
+from optcli.runner import build_model_and_optimizer, torch_settings  # noqa: E402
 from optcli.train import make_loss, train_one_epoch  # noqa: E402
 
 BATCH = 128
@@ -64,7 +64,7 @@ def optcli_config(data_root: str, *extra: str):
 
 def time_optcli_epochs(data_root: str, epochs: int, *extra: str) -> list[float]:
     cfg = optcli_config(data_root, *extra)
-    configure_process(cfg)
+    torch.set_flush_denormal(cfg.train.flush_denormal)  # as torch_settings does for a run
     device = torch.device("cpu")
     data = load_data(cfg.data, device)
     model, optimizer, _ = build_model_and_optimizer(cfg, data, device)

@@ -18,7 +18,7 @@ from optcli.data import Data, load_data
 from optcli.errors import UserError
 from optcli.model import check_model_config, resolve_device
 from optcli.optim import check_kwargs, check_optimizer, check_scheduler, parse_spec, resolve_optimizer, signature_defaults
-from optcli.runner import build_model_and_optimizer, configure_process, seed_everything
+from optcli.runner import build_model_and_optimizer, seed_everything, torch_settings
 from optcli.runs import atomic_write_text, create_run_dir, write_csv, write_json
 from optcli.train import History, fit
 
@@ -262,26 +262,24 @@ def run_comparison(cfg: Config, spec_texts: list[str], seeds: int = 1, tune_lr: 
     if tune_lr and cfg.data.val_fraction == 0:
         raise UserError("--tune-lr: needs a validation split; set data.val_fraction > 0")
     device = resolve_device(cfg.device)
-    configure_process(cfg)
     seed_list = [cfg.seed + i for i in range(seeds)]
     if on_plan:
         on_plan(len(specs) * (len(seed_list) + (tune_budget if tune_lr else 0)))
-    if jobs > 1:
-        from optcli.parallel import ParallelRunner
+    with torch_settings(cfg, threads if jobs == 1 else None):
+        if jobs > 1:
+            from optcli.parallel import ParallelRunner
 
-        runner = ParallelRunner(cfg, jobs, threads, on_trial_done)
-    else:
-        if threads is not None:
-            torch.set_num_threads(threads)
-        data = load_data(cfg.data, device)  # once for the whole comparison
-        runner = serial_runner(cfg, data, on_trial_start, on_trial_done, on_epoch)
-    try:
-        tuning, tune_trials = tune_learning_rates(specs, tune_budget, seed_list[0], runner) if tune_lr else (None, [])
-        plan = [(spec, seed) for seed in seed_list for spec in specs]
-        trials = [Trial(spec.label, seed, h) for (spec, seed), h in zip(plan, runner(plan))]
-    finally:
-        if hasattr(runner, "close"):
-            runner.close()
+            runner = ParallelRunner(cfg, jobs, threads, on_trial_done)
+        else:
+            data = load_data(cfg.data, device)  # once for the whole comparison
+            runner = serial_runner(cfg, data, on_trial_start, on_trial_done, on_epoch)
+        try:
+            tuning, tune_trials = tune_learning_rates(specs, tune_budget, seed_list[0], runner) if tune_lr else (None, [])
+            plan = [(spec, seed) for seed in seed_list for spec in specs]
+            trials = [Trial(spec.label, seed, h) for (spec, seed), h in zip(plan, runner(plan))]
+        finally:
+            if hasattr(runner, "close"):
+                runner.close()
     task = "classification" if cfg.data.name == "mnist" else "regression"
     comparison = build_comparison(specs, seed_list, cfg.train.epochs, task, trials, tuning, jobs,
                                   sum(e.seconds for t in tune_trials + trials for e in t.history.epochs))

@@ -15,7 +15,7 @@ from optcli.data import epoch_permutation, load_data, task_shape
 from optcli.errors import UserError
 from optcli.model import build_model, resolve_device
 from optcli.optim import build_optimizer, check_optimizer, needs_closure, parse_spec, resolve_optimizer
-from optcli.runner import configure_process, seed_everything
+from optcli.runner import seed_everything, torch_settings
 from optcli.runs import load_checkpoint
 from optcli.train import make_loss
 
@@ -191,7 +191,13 @@ def inspect_params(cfg: Config, checkpoint: Optional[str] = None, optimizer_spec
         cfg = cfg.model_copy(update={"optimizer": optimizer_config(resolve_optimizer(name).__name__, kwargs, f"--optimizer {optimizer_spec}")})
     check_optimizer(cfg.optimizer)
     device = resolve_device(cfg.device)
-    configure_process(cfg)
+    with torch_settings(cfg):
+        return _inspect(cfg, device, source, ckpt, optimizer_spec is not None, step)
+
+
+def _inspect(cfg: Config, device: torch.device, source: str, ckpt: Optional[dict], other_optimizer: bool,
+             step: bool) -> Inspection:
+    checkpoint = source.removeprefix("checkpoint ")
     seed_everything(cfg.seed)
     model = build_model(cfg.model, *task_shape(cfg.data)).to(device)
     optimizer = build_optimizer(model, cfg.optimizer, device, fused=cfg.train.fused)
@@ -201,7 +207,7 @@ def inspect_params(cfg: Config, checkpoint: Optional[str] = None, optimizer_spec
             model.load_state_dict(ckpt["model"])
         except RuntimeError as exc:
             raise UserError(f"{checkpoint}: the weights do not fit the model of its config ({str(exc).splitlines()[0]})") from None
-        if optimizer_spec is None:
+        if not other_optimizer:
             try:
                 optimizer.load_state_dict(ckpt["optimizer"])
             except (ValueError, KeyError) as exc:

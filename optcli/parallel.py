@@ -28,11 +28,10 @@ def _init_worker(cfg_json: dict, threads: int) -> None:
     from optcli.config import Config
     from optcli.data import load_data
     from optcli.model import resolve_device
-    from optcli.runner import configure_process
 
-    torch.set_num_threads(threads)
     cfg = Config.model_validate(cfg_json)
-    configure_process(cfg)
+    torch.set_num_threads(threads)  # a worker lives for one comparison, so its settings need no restoring
+    torch.set_flush_denormal(cfg.train.flush_denormal)
     _worker["cfg"] = cfg
     _worker["data"] = load_data(cfg.data, resolve_device(cfg.device))
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -54,9 +55,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds CPU and every CUDA device
 
 
-def configure_process(cfg: Config) -> None:
-    """Process-wide torch settings a run depends on, the same for every run so that results repeat."""
+@contextmanager
+def torch_settings(cfg: Config, threads: Optional[int] = None) -> Iterator[None]:
+    """The process-wide torch settings a run depends on, set for the run and put back after it, since library
+    callers and tests share the process: subnormal flushing and, when given, the thread count (which decides how
+    torch splits parallel sums, and so the last bits of the results)."""
+    previous_threads = torch.get_num_threads()
     torch.set_flush_denormal(cfg.train.flush_denormal)  # subnormal arithmetic is very slow on x86 CPUs
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)  # torch's default; there is no getter to save the state before
+        torch.set_num_threads(previous_threads)
 
 
 def build_model_and_optimizer(cfg: Config, data: Data, device: torch.device):
@@ -144,9 +156,9 @@ def train_run(cfg: Config, resume: Optional[str] = None, on_start: Optional[Call
     """One training run; under torchrun, one rank of a DistributedDataParallel job (only rank 0 writes and reports)."""
     dist = distributed.from_env()
     device = distributed.init(dist, preflight(cfg, dist))
-    configure_process(cfg)
     try:
-        return _train(cfg, dist, device, resume, on_start, on_epoch, on_batch)
+        with torch_settings(cfg):
+            return _train(cfg, dist, device, resume, on_start, on_epoch, on_batch)
     finally:
         distributed.shutdown(dist)
 

@@ -65,7 +65,8 @@ def test_sigkill_at_any_moment_leaves_whole_files_and_resume_is_exact(tmp_path):
     epochs = 1500
     args = ["--set", f"train.epochs={epochs}", "--set", "model.dropout=0.2",
             "--set", "scheduler={name: exponentiallr, gamma: 0.999}"]
-    assert cli("train", *args, "--set", "name=whole").exit_code == 0
+    whole = start(*args, "--set", "name=whole", cwd=tmp_path)  # a process of its own, like the killed run
+    assert whole.wait(timeout=120) == 0
     rng = random.Random(0)
     proc = start(*args, "--set", "name=killed", cwd=tmp_path)
     run_dir = tmp_path / "runs" / "killed"

@@ -173,3 +173,11 @@ def test_optimizers_lists_every_torch_optim_class():
 def test_python_dash_m_works():
     out = subprocess.run([sys.executable, "-m", "optcli", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "train" in out.stdout
+
+
+def test_a_run_leaves_the_process_torch_settings_as_it_found_them():
+    threads = torch.get_num_threads()
+    assert cli("compare", "sgd", "adam", "--set", "train.epochs=2", "--threads", "1").exit_code == 0
+    assert cli("train", "--set", "train.epochs=2").exit_code == 0
+    assert torch.get_num_threads() == threads
+    assert (torch.tensor(1e-40) * 1.0).item() != 0  # subnormals are flushed during a run only
