@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -64,7 +63,11 @@ def optcli_config(data_root: str, *extra: str):
 
 def time_optcli_epochs(data_root: str, epochs: int, *extra: str) -> list[float]:
     cfg = optcli_config(data_root, *extra)
-    torch.set_flush_denormal(cfg.train.flush_denormal)  # as torch_settings does for a run
+    with torch_settings(cfg):  # the process settings a run gets (flush_denormal)
+        return _time_epochs(cfg, epochs)
+
+
+def _time_epochs(cfg, epochs: int) -> list[float]:
     device = torch.device("cpu")
     data = load_data(cfg.data, device)
     model, optimizer, _ = build_model_and_optimizer(cfg, data, device)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from optcli.config import Config, optimizer_config, to_yaml
+from optcli.config import Config, OptimizerConfig, optimizer_config, to_yaml
 from optcli.data import Data, load_data
 from optcli.errors import UserError
 from optcli.model import check_model_config, resolve_device
