@@ -123,7 +123,7 @@ class TrainConfig(Section):
     grad_clip: Optional[float] = Field(None, gt=0)  # max global gradient norm
     accumulate: int = Field(1, gt=0)  # optimizer step every k batches
     fused: bool = True  # use the optimizer's fused kernel when it has one and the user did not choose
-    flush_denormal: bool = True  # flush subnormal floats to zero on CPU: as training converges they slow it by ~1.5x
+    flush_denormal: bool = True  # flush subnormal floats to zero on CPU (Adam's exp_avg decays into them; slow on x86)
     compile: bool = False  # torch.compile the model (measured slower on these CPUs; see README)
     log_every: int = Field(0, ge=0)  # table row every k epochs; 0 picks about 20 rows
 

@@ -30,8 +30,9 @@ def _init_worker(cfg_json: dict, threads: int) -> None:
     from optcli.model import resolve_device
 
     cfg = Config.model_validate(cfg_json)
-    torch.set_num_threads(threads)  # a worker lives for one comparison, so its settings need no restoring
+    # before any parallel work, so that the thread pool inherits it; a worker lives for one comparison only
     torch.set_flush_denormal(cfg.train.flush_denormal)
+    torch.set_num_threads(threads)
     _worker["cfg"] = cfg
     _worker["data"] = load_data(cfg.data, resolve_device(cfg.device))
 

@@ -59,9 +59,12 @@ def seed_everything(seed: int) -> None:
 def torch_settings(cfg: Config, threads: Optional[int] = None) -> Iterator[None]:
     """The process-wide torch settings a run depends on, set for the run and put back after it, since library
     callers and tests share the process: subnormal flushing and, when given, the thread count (which decides how
-    torch splits parallel sums, and so the last bits of the results)."""
+    torch splits parallel sums, and so the last bits of the results).
+
+    Flushing applies to the calling thread and to the threads it creates later: set first thing in a process, it
+    reaches torch's whole thread pool (the CLI does no parallel work before a run starts)."""
+    torch.set_flush_denormal(cfg.train.flush_denormal)  # Adam's exp_avg decays into subnormals, slow on x86
     previous_threads = torch.get_num_threads()
-    torch.set_flush_denormal(cfg.train.flush_denormal)  # subnormal arithmetic is very slow on x86 CPUs
     if threads is not None:
         torch.set_num_threads(threads)
     try:
