@@ -83,7 +83,7 @@ def epochs_table(history, every: int = 0, title: str = "Per-epoch metrics") -> T
     every = every or max(1, math.ceil(len(rows) / 20))  # about 20 rows, as the tutorial prints every 100th step
     has_val = any(e.val_loss is not None for e in rows)
     has_acc = any(e.val_accuracy is not None for e in rows)
-    table = Table(title=title + (f" (every {every}th epoch)" if every > 1 else ""))
+    table = Table(title=title + (f", every {every} epochs" if every > 1 else ""))
     table.add_column("epoch", justify="right")
     table.add_column("train loss", justify="right")
     if has_val:
