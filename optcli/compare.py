@@ -134,7 +134,8 @@ def tune_learning_rates(specs: list[OptimizerSpec], budget: int, seed: int, run:
         best = min(range(len(tried)), key=lambda i: scores[i])
         if math.isinf(scores[best]):
             raise UserError(f"--tune-lr: every learning rate diverged for {spec.label} ({grids[spec.label]})")
-        tuning["optimizers"][spec.label] = {"grid": grids[spec.label], "val_loss": scores, "chosen_lr": tried[best].lr}
+        tuning["optimizers"][spec.label] = {"grid": grids[spec.label], "val_loss": scores, "chosen_lr": tried[best].lr,
+                                            "at_edge": len(tried) > 1 and best in (0, len(tried) - 1)}
         spec.kwargs = {**spec.kwargs, "lr": tried[best].lr}
     return tuning, trials
 

@@ -222,7 +222,11 @@ def tuning_table(tuning: dict) -> Table:
     table.add_column("chosen lr", justify="right")
     for label, t in tuning["optimizers"].items():
         grid = ", ".join(f"{fmt(lr, 3)}: {fmt(v, 3)}" for lr, v in zip(t["grid"], t["val_loss"]))
-        table.add_row(label, grid, fmt(t["chosen_lr"], 3))
+        table.add_row(label, grid, fmt(t["chosen_lr"], 3) + (" [yellow](grid edge)[/]" if t["at_edge"] else ""))
+    edge = [label for label, t in tuning["optimizers"].items() if t["at_edge"]]
+    if edge:
+        table.caption = (f"{', '.join(edge)}: the best lr is at the edge of the grid; the optimum may lie beyond it "
+                         f"(give an lr in the spec to move the grid)")
     return table
 
 

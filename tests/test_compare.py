@@ -147,6 +147,7 @@ def test_tune_lr_gives_every_optimizer_the_same_budget(tiny_mnist):
     assert tuning["budget"] == 3
     for label, t in tuning["optimizers"].items():
         assert len(t["grid"]) == 3 and t["chosen_lr"] in t["grid"]
+        assert t["at_edge"] == (t["chosen_lr"] != t["grid"][1])
         assert t["grid"][0] == pytest.approx(t["grid"][1] / 10) and t["grid"][2] == pytest.approx(t["grid"][1] * 10)
     summary = json.loads(result.stdout)
     chosen = {r["label"]: r["hyperparameters"]["lr"] for r in summary["rows"]}
