@@ -47,9 +47,12 @@ def train(
 
     Example: optcli train --config configs/mnist_mlp.yaml --set optimizer.lr=3e-4
     """
-    from optcli.config import load_config, to_yaml
     from optcli import report, runner
+    from optcli.config import load_config, to_yaml
+    from optcli.errors import UserError
 
+    if resume and config:
+        raise UserError("--resume continues with the run's own config.yaml; drop --config (use --set to change keys)")
     cfg = runner.resume_config(str(resume), set_ or []) if resume else load_config(config, set_ or [])
     if print_config:
         typer.echo(to_yaml(cfg), nl=False)
@@ -125,8 +128,11 @@ def inspect_params(
     """
     from optcli.config import load_config
     from optcli import report
+    from optcli.errors import UserError
     from optcli.inspect import inspect_params as run_inspect
 
+    if checkpoint and (config or set_):
+        raise UserError("--checkpoint carries its own config; drop --config and --set")
     cfg = load_config(config, set_ or [])
     result = run_inspect(cfg, str(checkpoint) if checkpoint else None, optimizer, step)
     if json_out:

@@ -114,6 +114,9 @@ CASES = [
     ("compare-bad-seeds", "compare", lambda p: ["sgd", "--seeds", "0"], 2, "--seeds: must be at least 1"),
     ("compare-bad-jobs", "compare", lambda p: ["sgd", "--jobs", "0"], 2, "--jobs: must be at least 1"),
     ("inspect-bad-optimizer", "inspect-params", lambda p: ["--optimizer", "sgd:lr=x,y"], 2, "expected key=value"),
+    ("resume-with-config", "train", lambda p: ["--resume", p, "--config", p / "c.yaml"], 2, "drop --config"),
+    ("checkpoint-with-set", "inspect-params", lambda p: ["--checkpoint", p / "x.pt", "--set", "seed=1"], 2,
+     "--checkpoint carries its own config"),
 ]
 
 
