@@ -301,7 +301,7 @@ def build_comparison(specs: list[OptimizerSpec], seeds: list[int], epochs: int, 
 
 def write_comparison(config_yaml: str, comparison: Comparison, run_dir) -> None:
     atomic_write_text(run_dir / "config.yaml", config_yaml + yaml_specs(comparison))
-    rows = [{"optimizer": t.label, "seed": t.seed, **{k: v for k, v in vars(e).items()}}
+    rows = [{"optimizer": t.label, "seed": t.seed, **vars(e)}
             for t in comparison.trials for e in t.history.epochs]
     write_csv(run_dir / "metrics.csv", rows)
     write_json(run_dir / "summary.json", comparison.to_dict())

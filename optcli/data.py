@@ -6,7 +6,7 @@ so there is no per-sample Python work in the training loop.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -38,8 +38,11 @@ class Data:
     out_features: int
 
     def to(self, device: torch.device) -> "Data":
-        move = lambda s: Split(s.x.to(device), s.y.to(device)) if s is not None else None  # noqa: E731
-        return Data(move(self.train), move(self.val), move(self.test), self.task, self.in_features, self.out_features)
+        return replace(self, **{name: _move(getattr(self, name), device) for name in ("train", "val", "test")})
+
+
+def _move(split: Optional[Split], device: torch.device) -> Optional[Split]:
+    return Split(split.x.to(device), split.y.to(device)) if split is not None else None
 
 
 def load_data(cfg: DataConfig, device: torch.device) -> Data:

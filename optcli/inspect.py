@@ -180,24 +180,22 @@ def sgd_rule_check(optimizer: torch.optim.Optimizer, model: nn.Module, before: d
 
 def inspect_params(cfg: Config, checkpoint: Optional[str] = None, optimizer_spec: Optional[str] = None,
                    step: bool = False) -> Inspection:
-    source = "config"
     ckpt = None
     if checkpoint is not None:
         ckpt = load_checkpoint(checkpoint)
         cfg = validate(ckpt["config"], f"{checkpoint} (its config)")
-        source = f"checkpoint {checkpoint}"
     if optimizer_spec is not None:
         name, kwargs = parse_spec(optimizer_spec)
         cfg = cfg.model_copy(update={"optimizer": optimizer_config(resolve_optimizer(name).__name__, kwargs, f"--optimizer {optimizer_spec}")})
     check_optimizer(cfg.optimizer)
     device = resolve_device(cfg.device)
     with torch_settings(cfg):
-        return _inspect(cfg, device, source, ckpt, optimizer_spec is not None, step)
+        return _inspect(cfg, device, checkpoint, ckpt, optimizer_spec is not None, step)
 
 
-def _inspect(cfg: Config, device: torch.device, source: str, ckpt: Optional[dict], other_optimizer: bool,
-             step: bool) -> Inspection:
-    checkpoint = source.removeprefix("checkpoint ")
+def _inspect(cfg: Config, device: torch.device, checkpoint: Optional[str], ckpt: Optional[dict],
+             other_optimizer: bool, step: bool) -> Inspection:
+    source = f"checkpoint {checkpoint}" if checkpoint is not None else "config"
     seed_everything(cfg.seed)
     model = build_model(cfg.model, *task_shape(cfg.data)).to(device)
     optimizer = build_optimizer(model, cfg.optimizer, device, fused=cfg.train.fused)

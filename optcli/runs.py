@@ -8,7 +8,9 @@ import io
 import json
 import os
 import pickle
+import signal
 import tempfile
+import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
@@ -123,9 +125,6 @@ class deferred_sigint:
     lands between the checkpoint and the metrics that describe it."""
 
     def __enter__(self):
-        import signal
-        import threading
-
         self.pending = False
         self.previous = None
         if threading.current_thread() is threading.main_thread():
@@ -136,8 +135,6 @@ class deferred_sigint:
         self.pending = True
 
     def __exit__(self, *exc):
-        import signal
-
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
         if self.pending and exc[0] is None:

@@ -24,6 +24,13 @@ def cli(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "250"})
 
 
+def assert_user_error(result, fragment: str, tmp_path: Path) -> None:
+    """Exit code 2, the fragment in the message, no traceback, and no run directory left behind."""
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
+
+
 def write_idx(path: Path, array: np.ndarray) -> None:
     """IDX as MNIST uses it: magic (0, 0, 0x08 = ubyte, ndim), big-endian int32 dims, then the bytes."""
     header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
