@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from optcli.config import load_config  # noqa: E402
 from optcli.data import epoch_permutation, load_data  # noqa: E402
-from optcli.runner import build_model_and_optimizer, torch_settings  # noqa: E402
+from optcli.build import build_model_and_optimizer, torch_settings  # noqa: E402
 from optcli.train import make_loss, train_one_epoch  # noqa: E402
 
 BATCH = 128
@@ -76,7 +76,8 @@ def _time_epochs(cfg, epochs: int) -> list[float]:
     times = []
     for epoch in range(epochs + 1):  # epoch 0 is the warm-up
         t0 = time.perf_counter()
-        losses = train_one_epoch(run_model, optimizer, loss_fn, data.train, BATCH, epoch_permutation(len(data.train), 0, epoch, device))
+        losses = train_one_epoch(run_model, optimizer, loss_fn, data.train, batch_size=BATCH,
+                                 perm=epoch_permutation(len(data.train), 0, epoch, device))
         losses.sum().item()  # the one host sync of the epoch
         times.append(time.perf_counter() - t0)
     return times[1:]

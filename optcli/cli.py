@@ -1,26 +1,44 @@
-"""The optcli command line. Each command parses its arguments, calls one core function and renders
-the result. torch is imported only inside command bodies, so `optcli --help` starts instantly."""
+"""The optcli command line. Each command parses its arguments, calls one core function and renders the result.
+torch is imported only inside command bodies, so `optcli --help` starts instantly."""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help="Train small PyTorch networks and compare torch.optim optimizers fairly.")
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  help="Train small PyTorch networks and compare optimizers fairly.")
 
 ConfigOpt = typer.Option(None, "--config", "-c", metavar="FILE", help="YAML config; the built-in regression task when absent.")
 SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a config key: --set optimizer.lr=3e-4 (repeatable).")
+EpochsOpt = typer.Option(None, "--epochs", metavar="N", help="Override train.epochs.")
+JsonOpt = typer.Option(False, "--json", help="Print the result as JSON on stdout instead of tables.")
+PrintConfigOpt = typer.Option(False, "--print-config", help="Print the resolved config and exit.")
 
 
-def user_errors(command):
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"optcli {version('optcli')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(_version_flag: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                            help="Print optcli's version and exit.")) -> None:
+    """Train small PyTorch networks and compare optimizers fairly."""
+
+
+def user_errors(command: Callable) -> Callable:
     """The one place where the tool's errors become a printed line and an exit code."""
 
     @functools.wraps(command)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         from optcli.errors import RunInterrupted, UserError
 
         try:
@@ -35,32 +53,59 @@ def user_errors(command):
     return wrapper
 
 
+def overrides(set_: Optional[List[str]], epochs: Optional[int] = None) -> list[str]:
+    """--set items, with --epochs N as the last word on train.epochs."""
+    return list(set_ or []) + ([f"train.epochs={epochs}"] if epochs is not None else [])
+
+
+def show(data: Any, json_out: bool, render: Callable[[], None]) -> None:
+    """The result as JSON on stdout, or rendered as tables."""
+    if json_out:
+        import json
+
+        typer.echo(json.dumps(data, default=str))
+    else:
+        render()
+
+
+def print_config(cfg: Any) -> None:
+    from optcli.config import to_yaml
+
+    typer.echo(to_yaml(cfg), nl=False)
+
+
 @app.command()
 @user_errors
 def train(
     config: Optional[Path] = ConfigOpt,
     set_: Optional[List[str]] = SetOpt,
+    epochs: Optional[int] = EpochsOpt,
     resume: Optional[Path] = typer.Option(None, "--resume", metavar="RUN_DIR", help="Continue runs/<name> from its last.pt."),
-    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
-):
-    """Train the MLP with any torch.optim optimizer.
+    print_config_: bool = PrintConfigOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Train the MLP with any optimizer.
 
     Example: optcli train --config configs/mnist_mlp.yaml --set optimizer.lr=3e-4
     """
-    from optcli import report, runner
-    from optcli.config import load_config, to_yaml
+    from optcli import runner
+    from optcli.config import load_config
     from optcli.errors import UserError
+    from optcli.report.progress import TrainProgress
+    from optcli.report.tables import print_train_result
 
     if resume and config:
         raise UserError("--resume continues with the run's own config.yaml; drop --config (use --set to change keys)")
-    cfg = runner.resume_config(str(resume), set_ or []) if resume else load_config(config, set_ or [])
-    if print_config:
-        typer.echo(to_yaml(cfg), nl=False)
-        return
-    with report.TrainProgress(cfg.train.epochs) as progress:
-        result = runner.train_run(cfg, str(resume) if resume else None, progress.start, progress.epoch, progress.batch)
+    items = overrides(set_, epochs)
+    cfg = runner.resume_config(str(resume), items) if resume else load_config(config, items)
+    if print_config_:
+        return print_config(cfg)
+    with TrainProgress(cfg.train.epochs) as progress:
+        result = runner.train_run(cfg, resume=str(resume) if resume else None, on_start=progress.start,
+                                  on_epoch=progress.epoch, on_batch=progress.batch)
     if result.primary:  # under torchrun only rank 0 reports
-        report.print_train_result(result, cfg.train.log_every)
+        show({**result.summary, "run_dir": str(result.run_dir)}, json_out,
+             lambda: print_train_result(result, cfg.train.log_every))
     if result.history.status == "diverged":
         raise typer.Exit(1)
 
@@ -68,109 +113,94 @@ def train(
 @app.command()
 @user_errors
 def compare(
-    optimizers: List[str] = typer.Argument(..., metavar="OPTIMIZER...", help="torch.optim names with optional settings: sgd:lr=0.1,momentum=0.9"),
+    optimizers: List[str] = typer.Argument(..., metavar="OPTIMIZER...",
+                                           help="Optimizer names with optional settings: sgd:lr=0.1,momentum=0.9"),
     config: Optional[Path] = ConfigOpt,
-    seeds: int = typer.Option(1, "--seeds", metavar="K", help="Repeat every run for this many seeds (config seed, +1, ...)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", metavar="N", help="Override train.epochs."),
     set_: Optional[List[str]] = SetOpt,
+    epochs: Optional[int] = EpochsOpt,
+    seeds: int = typer.Option(1, "--seeds", metavar="K", help="Repeat every run for this many seeds (config seed, +1, ...)."),
     tune_lr: bool = typer.Option(False, "--tune-lr", help="Tune each optimizer's lr on the validation split first."),
     tune_budget: int = typer.Option(5, "--tune-budget", metavar="N", help="Learning rates tried per optimizer with --tune-lr."),
     jobs: int = typer.Option(1, "--jobs", "-j", metavar="N", help="Run trials in this many processes."),
     threads: Optional[int] = typer.Option(None, "--threads", metavar="N",
                                           help="torch threads per trial (default: cores, or cores // jobs)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
-):
+    print_config_: bool = PrintConfigOpt,
+    json_out: bool = JsonOpt,
+) -> None:
     """Compare optimizers on the same model, data, initial weights and batch order, over seeds.
 
     Example: optcli compare sgd:lr=0.1,momentum=0.9 adam rmsprop --config configs/mnist_mlp.yaml --seeds 3
     """
-    from optcli.config import load_config
-    from optcli import report
     from optcli.compare import run_comparison
+    from optcli.config import load_config
+    from optcli.report.progress import CompareProgress
+    from optcli.report.tables import print_comparison
+    from optcli.trials import TrialCallbacks
 
-    cfg = load_config(config, (set_ or []) + ([f"train.epochs={epochs}"] if epochs is not None else []))
-    with report.CompareProgress(cfg.train.epochs) as p:
-        result = run_comparison(cfg, optimizers, seeds, tune_lr, tune_budget, jobs, threads,
-                                p.plan, p.trial_start, p.trial_done, p.epoch)
-    show_comparison(result, json_out)
+    cfg = load_config(config, overrides(set_, epochs))
+    if print_config_:
+        return print_config(cfg)
+    with CompareProgress(cfg.train.epochs) as p:
+        callbacks = TrialCallbacks(on_trial_start=p.trial_start, on_trial_done=p.trial_done, on_epoch=p.epoch)
+        result = run_comparison(cfg, optimizers, seeds=seeds, tune_lr=tune_lr, tune_budget=tune_budget, jobs=jobs,
+                                threads=threads, on_plan=p.plan, callbacks=callbacks)
+    show(result.to_dict(), json_out, lambda: print_comparison(result))
 
 
 @app.command()
 @user_errors
 def merge(
-    run_dirs: List[Path] = typer.Argument(..., metavar="RUN_DIR...", help="runs/compare-* directories to merge."),
+    run_dirs: List[Path] = typer.Argument(..., metavar="RUN_DIR...", help="Comparison run directories to merge."),
     name: Optional[str] = typer.Option(None, "--name", help="Name of the merged run directory."),
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
-):
+    json_out: bool = JsonOpt,
+) -> None:
     """Merge comparisons of the same optimizers run apart (other seeds, other machines) into one.
 
-    Example: optcli merge runs/compare-seeds0-1 runs/compare-seeds2-3 --name all-seeds
+    Example: optcli merge runs/seeds0-1 runs/seeds2-3 --name all-seeds
     """
     from optcli.merge import merge_comparisons
+    from optcli.report.tables import print_comparison
 
     result = merge_comparisons([str(d) for d in run_dirs], name=name)
-    show_comparison(result, json_out)
+    show(result.to_dict(), json_out, lambda: print_comparison(result))
 
 
 @app.command("inspect-params")
 @user_errors
 def inspect_params(
     config: Optional[Path] = ConfigOpt,
+    set_: Optional[List[str]] = SetOpt,
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", metavar="FILE", help="A run's last.pt (or its run directory)."),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", metavar="SPEC", help="Optimizer spec, e.g. sgd:lr=0.1."),
     step: bool = typer.Option(False, "--step", help="Run one batch: gradients, update, SGD rule, accumulation."),
-    set_: Optional[List[str]] = SetOpt,
-    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
-):
+    json_out: bool = JsonOpt,
+) -> None:
     """Show parameters, gradients, buffers, param groups and optimizer state of a model.
 
     Example: optcli inspect-params --optimizer sgd:lr=0.1 --step
     """
     from optcli.config import load_config
-    from optcli import report
     from optcli.errors import UserError
-    from optcli.inspect import inspect_params as run_inspect
+    from optcli.inspection import inspect_params as run_inspect
+    from optcli.report.inspection import print_inspection
 
     if checkpoint and (config or set_):
         raise UserError("--checkpoint carries its own config; drop --config and --set")
     cfg = load_config(config, set_ or [])
-    result = run_inspect(cfg, str(checkpoint) if checkpoint else None, optimizer, step)
-    if json_out:
-        import json
-
-        typer.echo(json.dumps(result.to_dict(), default=str))
-    else:
-        report.print_inspection(result)
+    result = run_inspect(cfg, checkpoint=str(checkpoint) if checkpoint else None, optimizer_spec=optimizer, step=step)
+    show(result.to_dict(), json_out, lambda: print_inspection(result))
 
 
 @app.command()
 @user_errors
-def optimizers(json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
-    """List every torch.optim optimizer with its default hyperparameters.
+def optimizers(json_out: bool = JsonOpt) -> None:
+    """List every optimizer that can be named, with its default hyperparameters.
 
     Example: optcli optimizers
     """
-    from optcli import report
     from optcli.optim import list_optimizers
+    from optcli.report.console import console
+    from optcli.report.tables import optimizers_table
 
     rows = list_optimizers()
-    if json_out:
-        import json
-
-        typer.echo(json.dumps(rows, indent=2, default=str))
-    else:
-        report.console.print(report.optimizers_table(rows))
-
-
-def show_comparison(result, json_out: bool) -> None:
-    from optcli import report
-
-    report.save_loss_plot(result, Path(result.run_dir) / "loss.png")
-    if json_out:
-        import json
-
-        typer.echo(json.dumps(result.to_dict(), default=str))
-    else:
-        report.print_comparison(result)
-
-
+    show(rows, json_out, lambda: console.print(optimizers_table(rows)))

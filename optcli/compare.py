@@ -13,14 +13,16 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from optcli.config import Config, OptimizerConfig, optimizer_config, to_yaml
-from optcli.data import Data, load_data
+from optcli.build import torch_settings
+from optcli.config import Config, optimizer_config, to_yaml
+from optcli.data import load_data
 from optcli.errors import UserError
 from optcli.model import check_model_config, resolve_device
 from optcli.optim import check_kwargs, check_optimizer, check_scheduler, parse_spec, resolve_optimizer, signature_defaults
-from optcli.runner import build_model_and_optimizer, seed_everything, torch_settings
 from optcli.runs import atomic_write_text, create_run_dir, write_csv, write_json
-from optcli.train import History, fit
+from optcli.stats import mean_std, paired_verdict
+from optcli.train import History
+from optcli.trials import OptimizerSpec, ProcessPoolRunner, SerialRunner, TrialCallbacks, TrialRunner
 
 # (key, label, lower is better)
 METRICS = [
@@ -29,17 +31,6 @@ METRICS = [
     ("val_accuracy", "val accuracy", False),
     ("test_accuracy", "test accuracy", False),
 ]
-CONFIDENCE = 0.95
-
-
-@dataclass
-class OptimizerSpec:
-    label: str
-    name: str  # torch's class name
-    kwargs: dict[str, Any]
-
-    def config(self) -> OptimizerConfig:
-        return optimizer_config(self.name, self.kwargs, f"optimizer spec '{self.label}'")
 
 
 @dataclass
@@ -95,16 +86,6 @@ def parse_specs(texts: list[str]) -> list[OptimizerSpec]:
     return specs
 
 
-def run_trial(cfg: Config, data: Data, spec: OptimizerSpec, seed: int,
-              on_epoch: Optional[Callable[[History], None]] = None) -> History:
-    """One (optimizer, seed) run. The initial weights, the batch order and the dropout masks are functions of
-    the seed alone, so every optimizer of a seed starts from the same point, in any process."""
-    cfg = cfg.model_copy(update={"seed": seed, "optimizer": spec.config()})
-    model, optimizer, scheduler = build_model_and_optimizer(cfg, data, data.train.x.device)
-    seed_everything(seed)  # the same dropout masks for every optimizer of this seed
-    return fit(cfg, model, optimizer, scheduler, data, on_epoch=on_epoch)
-
-
 def lr_grid(spec: OptimizerSpec, budget: int) -> list[float]:
     """`budget` learning rates on a log grid spanning 10x either side of the spec's lr (or its default)."""
     center = spec.kwargs.get("lr", signature_defaults(getattr(torch.optim, spec.name)).get("lr"))
@@ -122,11 +103,11 @@ def _tune_score(history: History) -> float:
     return best.val_loss
 
 
-def tune_learning_rates(specs: list[OptimizerSpec], budget: int, seed: int, run: Callable) -> tuple[dict, list[Trial]]:
+def tune_learning_rates(specs: list[OptimizerSpec], *, budget: int, seed: int, runner: TrialRunner) -> tuple[dict, list[Trial]]:
     """The same budget of learning rates for every optimizer, judged on the validation split only."""
     grids = {s.label: lr_grid(s, budget) for s in specs}
     plan = [(OptimizerSpec(s.label, s.name, {**s.kwargs, "lr": lr}), seed) for s in specs for lr in grids[s.label]]
-    trials = [Trial(spec.label, seed, h, spec.kwargs["lr"]) for (spec, _), h in zip(plan, run(plan))]
+    trials = [Trial(spec.label, seed, h, spec.kwargs["lr"]) for (spec, _), h in zip(plan, runner.run(plan))]
     tuning = {"budget": budget, "seed": seed, "selected_by": "best validation loss", "optimizers": {}}
     for spec in specs:
         tried = [t for t in trials if t.label == spec.label]
@@ -153,13 +134,6 @@ def trial_metrics(history: History) -> dict[str, Optional[float]]:
     }
 
 
-def mean_std(values: list[float]) -> tuple[Optional[float], Optional[float]]:
-    """Mean and sample standard deviation (n-1); std is None for fewer than two values."""
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
 def aggregate(specs: list[OptimizerSpec], trials: list[Trial]) -> list[dict]:
     rows = []
     for spec in specs:
@@ -180,39 +154,12 @@ def aggregate(specs: list[OptimizerSpec], trials: list[Trial]) -> list[dict]:
 def verdict(metric: str, name: str, lower_better: bool, specs: list[OptimizerSpec], trials: list[Trial],
             seeds: list[int]) -> Optional[dict]:
     """The best optimizer on one metric, and whether its lead over the runner-up beats the seed-to-seed spread."""
-    from scipy import special  # Student's t distribution; scipy.stats would cost a second more to import
-
     per_label: dict[str, dict[int, float]] = {}
     for t in trials:
         value = trial_metrics(t.history)[metric] if t.history.status == "completed" else None
         if value is not None:
             per_label.setdefault(t.label, {})[t.seed] = value
-    full = {label: v for label, v in per_label.items() if len(v) == len(seeds)}  # ranked only with every seed done
-    if len(full) < 2:
-        return None
-    sign = 1 if lower_better else -1
-    ranked = sorted(full, key=lambda label: sign * statistics.fmean(full[label].values()))
-    best, runner = ranked[0], ranked[1]
-    diffs = [sign * (full[runner][s] - full[best][s]) for s in seeds]  # > 0 where the best was better on that seed
-    out = {"metric": metric, "name": name, "best": best, "runner_up": runner, "lead": statistics.fmean(diffs),
-           "seeds": len(seeds), "test": "paired t-test over seeds", "p_value": None, "ci": None, "significant": None}
-    if len(seeds) < 2:
-        out["text"] = (f"{best} leads {runner} on {name} by {out['lead']:.4g}, but with one seed "
-                       f"no claim can be made about the seed-to-seed spread (use --seeds 3 or more)")
-        return out
-    sd = statistics.stdev(diffs)
-    df, se = len(diffs) - 1, sd / math.sqrt(len(diffs))
-    half = float(special.stdtrit(df, 0.5 + CONFIDENCE / 2)) * se
-    out["ci"] = [out["lead"] - half, out["lead"] + half]
-    out["p_value"] = float(2 * special.stdtr(df, -abs(out["lead"]) / se)) if sd > 0 else None  # two-sided
-    out["significant"] = bool(out["ci"][0] > 0)
-    spread = (f"{int(CONFIDENCE * 100)}% CI of the paired difference [{out['ci'][0]:.3g}, {out['ci'][1]:.3g}], "
-              f"paired t-test over {len(seeds)} seeds" + (f", p={out['p_value']:.3g}" if out["p_value"] is not None else ""))
-    if out["significant"]:
-        out["text"] = f"{best} beats {runner} on {name} by {out['lead']:.4g} ({spread}): larger than the seed-to-seed spread"
-    else:
-        out["text"] = f"{best} leads {runner} on {name} by {out['lead']:.4g} ({spread}): within the seed-to-seed spread, no clear winner"
-    return out
+    return paired_verdict(per_label, seeds=seeds, metric=metric, name=name, lower_better=lower_better)
 
 
 def curves(specs: list[OptimizerSpec], trials: list[Trial], epochs: int) -> dict[str, dict[str, list]]:
@@ -230,32 +177,17 @@ def curves(specs: list[OptimizerSpec], trials: list[Trial], epochs: int) -> dict
     return out
 
 
-def serial_runner(cfg: Config, data: Data, on_trial_start: Optional[Callable], on_trial_done: Optional[Callable],
-                  on_epoch: Optional[Callable]) -> Callable:
-    def run(plan: list[tuple[OptimizerSpec, int]]) -> list[History]:
-        histories = []
-        for spec, seed in plan:
-            if on_trial_start:
-                on_trial_start(spec.label, seed)
-            histories.append(run_trial(cfg, data, spec, seed, on_epoch))
-            if on_trial_done:
-                on_trial_done(spec.label, seed, histories[-1])
-        return histories
-    return run
-
-
-def run_comparison(cfg: Config, spec_texts: list[str], seeds: int = 1, tune_lr: bool = False, tune_budget: int = 5,
-                   jobs: int = 1, threads: Optional[int] = None, on_plan: Optional[Callable[[int], None]] = None,
-                   on_trial_start: Optional[Callable[[str, int], None]] = None,
-                   on_trial_done: Optional[Callable[[str, int, History], None]] = None,
-                   on_epoch: Optional[Callable[[History], None]] = None) -> Comparison:
+def run_comparison(cfg: Config, spec_texts: list[str], *, seeds: int = 1, tune_lr: bool = False,
+                   tune_budget: int = 5, jobs: int = 1, threads: Optional[int] = None,
+                   on_plan: Optional[Callable[[int], None]] = None,
+                   callbacks: Optional[TrialCallbacks] = None) -> Comparison:
     """Every optimizer x seed, from the same initial weights and batches per seed; files under runs/compare-*/.
-    With jobs > 1 the trials run in separate processes (see parallel.py). `threads` is torch's thread count per
-    trial (default: all cores serially, cores // jobs in parallel); with equal thread counts serial and parallel
-    runs give bit-identical results, since torch splits parallel sums by thread."""
+    With jobs > 1 the trials run in separate processes (trials.ProcessPoolRunner). `threads` is torch's thread
+    count per trial (default: all cores serially, cores // jobs in parallel); with equal thread counts serial and
+    parallel runs give bit-identical results, since torch splits parallel sums by thread."""
     started = time.perf_counter()
-    for flag, value in (("--seeds", seeds), ("--tune-budget", tune_budget), ("--jobs", jobs), ("--threads", threads or 1)):
-        if value < 1:
+    for flag, value in (("--seeds", seeds), ("--tune-budget", tune_budget), ("--jobs", jobs), ("--threads", threads)):
+        if value is not None and value < 1:
             raise UserError(f"{flag}: must be at least 1 (got {value})")
     specs = parse_specs(spec_texts)
     check_model_config(cfg.model)
@@ -266,32 +198,31 @@ def run_comparison(cfg: Config, spec_texts: list[str], seeds: int = 1, tune_lr: 
     seed_list = [cfg.seed + i for i in range(seeds)]
     if on_plan:
         on_plan(len(specs) * (len(seed_list) + (tune_budget if tune_lr else 0)))
-    with torch_settings(cfg, threads if jobs == 1 else None):
-        if jobs > 1:
-            from optcli.parallel import ParallelRunner
-
-            runner = ParallelRunner(cfg, jobs, threads, on_trial_done)
-        else:
-            data = load_data(cfg.data, device)  # once for the whole comparison
-            runner = serial_runner(cfg, data, on_trial_start, on_trial_done, on_epoch)
-        try:
-            tuning, tune_trials = tune_learning_rates(specs, tune_budget, seed_list[0], runner) if tune_lr else (None, [])
-            plan = [(spec, seed) for seed in seed_list for spec in specs]
-            trials = [Trial(spec.label, seed, h) for (spec, seed), h in zip(plan, runner(plan))]
-        finally:
-            if hasattr(runner, "close"):
-                runner.close()
+    with torch_settings(cfg, threads=threads if jobs == 1 else None), \
+            make_runner(cfg, device=device, jobs=jobs, threads=threads, callbacks=callbacks) as runner:
+        tuning, tune_trials = (tune_learning_rates(specs, budget=tune_budget, seed=seed_list[0], runner=runner)
+                               if tune_lr else (None, []))
+        plan = [(spec, seed) for seed in seed_list for spec in specs]
+        trials = [Trial(spec.label, seed, h) for (spec, seed), h in zip(plan, runner.run(plan))]
     task = "classification" if cfg.data.name == "mnist" else "regression"
-    comparison = build_comparison(specs, seed_list, cfg.train.epochs, task, trials, tuning, jobs,
-                                  sum(e.seconds for t in tune_trials + trials for e in t.history.epochs))
-    run_dir = create_run_dir(cfg.out_dir, cfg.name and f"compare-{cfg.name}", prefix="compare-")
+    comparison = build_comparison(specs, seeds=seed_list, epochs=cfg.train.epochs, task=task, trials=trials,
+                                  tuning=tuning, jobs=jobs,
+                                  epoch_seconds=sum(e.seconds for t in tune_trials + trials for e in t.history.epochs))
+    run_dir = create_run_dir(cfg.out_dir, cfg.name, prefix="compare-")
     comparison.run_dir = str(run_dir)
     comparison.wall_seconds = time.perf_counter() - started
     write_comparison(to_yaml(cfg), comparison, run_dir)
     return comparison
 
 
-def build_comparison(specs: list[OptimizerSpec], seeds: list[int], epochs: int, task: str, trials: list[Trial],
+def make_runner(cfg: Config, *, device, jobs: int, threads: Optional[int],
+                callbacks: Optional[TrialCallbacks]) -> TrialRunner:
+    if jobs > 1:
+        return ProcessPoolRunner(cfg, jobs=jobs, threads=threads, callbacks=callbacks)
+    return SerialRunner(cfg, load_data(cfg.data, device), callbacks)  # the data is loaded once for every trial
+
+
+def build_comparison(specs: list[OptimizerSpec], *, seeds: list[int], epochs: int, task: str, trials: list[Trial],
                      tuning: Optional[dict] = None, jobs: int = 1, epoch_seconds: float = 0.0) -> Comparison:
     """Tables, verdicts and curves from the trials: the same whether they ran here or came from several machines."""
     verdicts = [v for key, name, lower in METRICS if (v := verdict(key, name, lower, specs, trials, seeds))]
@@ -305,6 +236,9 @@ def write_comparison(config_yaml: str, comparison: Comparison, run_dir) -> None:
             for t in comparison.trials for e in t.history.epochs]
     write_csv(run_dir / "metrics.csv", rows)
     write_json(run_dir / "summary.json", comparison.to_dict())
+    from optcli.report.plots import save_loss_plot  # matplotlib is imported only when a comparison is written
+
+    save_loss_plot(comparison, run_dir / "loss.png")
 
 
 def yaml_specs(comparison: Comparison) -> str:

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import yaml
 
-from optcli.compare import Comparison, OptimizerSpec, Trial, build_comparison, write_comparison
+from optcli.compare import Comparison, Trial, build_comparison, write_comparison
 from optcli.config import read_yaml
 from optcli.errors import UserError
 from optcli.runs import create_run_dir
 from optcli.train import History
+from optcli.trials import OptimizerSpec
 
 SECTION_KEYS = ("specs", "seeds", "epochs", "task", "trials")
 
@@ -37,7 +38,7 @@ def _config_of(run_dir: Path) -> dict:
     return {k: v for k, v in (config if isinstance(config, dict) else {}).items() if k not in ("compare", "merged_from")}
 
 
-def merge_comparisons(run_dirs: list[str], out_dir: str = "runs", name: str | None = None) -> Comparison:
+def merge_comparisons(run_dirs: list[str], *, out_dir: str = "runs", name: str | None = None) -> Comparison:
     """One comparison from several with the same optimizers and epochs; a (optimizer, seed) pair may appear once."""
     if len(run_dirs) < 2:
         raise UserError("merge: name at least two comparison run directories")
@@ -66,9 +67,9 @@ def merge_comparisons(run_dirs: list[str], out_dir: str = "runs", name: str | No
         have = {t.seed for t in trials if t.label == spec.label}
         if have != set(seeds):
             raise UserError(f"merge: {spec.label} lacks seed(s) {sorted(set(seeds) - have)}; every optimizer needs every seed")
-    comparison = build_comparison(specs, seeds, first["epochs"], first["task"], trials,
+    comparison = build_comparison(specs, seeds=seeds, epochs=first["epochs"], task=first["task"], trials=trials,
                                   epoch_seconds=sum(e.seconds for t in trials for e in t.history.epochs))
-    run_dir = create_run_dir(out_dir, name and f"compare-{name}", prefix="compare-merged-")
+    run_dir = create_run_dir(out_dir, name, prefix="compare-merged-")
     comparison.run_dir = str(run_dir)
     config_yaml = yaml.safe_dump({**config, "merged_from": [str(d) for d in run_dirs]}, sort_keys=False)
     write_comparison(config_yaml, comparison, run_dir)

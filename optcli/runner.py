@@ -5,21 +5,20 @@ from __future__ import annotations
 
 import copy
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 
+from optcli.build import build_model_and_optimizer, torch_settings
 from optcli.config import Config, load_config, to_yaml
-from optcli.data import Data, load_data
+from optcli.data import load_data
 from optcli.errors import RunInterrupted, UserError
 from optcli import distributed
 from optcli.distributed import SINGLE, Dist
-from optcli.model import build_model, check_model_config, resolve_device
-from optcli.optim import (build_optimizer, build_scheduler, check_optimizer, check_scheduler, needs_closure,
-                          resolve_optimizer)
+from optcli.model import check_model_config, resolve_device
+from optcli.optim import check_optimizer, check_scheduler, needs_closure, resolve_optimizer
 from optcli.runs import (atomic_write_text, create_run_dir, deferred_sigint, load_checkpoint, remove_stale_temp_files,
                          save_checkpoint, write_csv, write_json, write_jsonl)
 from optcli.train import History, fit
@@ -51,37 +50,6 @@ def preflight(cfg: Config, dist: Dist = SINGLE) -> torch.device:
     return resolve_device(cfg.device)
 
 
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)  # seeds CPU and every CUDA device
-
-
-@contextmanager
-def torch_settings(cfg: Config, threads: Optional[int] = None) -> Iterator[None]:
-    """The process-wide torch settings a run depends on, set for the run and put back after it, since library
-    callers and tests share the process: subnormal flushing and, when given, the thread count (which decides how
-    torch splits parallel sums, and so the last bits of the results).
-
-    Flushing applies to the calling thread and to the threads it creates later: set first thing in a process, it
-    reaches torch's whole thread pool (the CLI does no parallel work before a run starts)."""
-    torch.set_flush_denormal(cfg.train.flush_denormal)  # Adam's exp_avg decays into subnormals, slow on x86
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)  # torch's default; there is no getter to save the state before
-        torch.set_num_threads(previous_threads)
-
-
-def build_model_and_optimizer(cfg: Config, data: Data, device: torch.device):
-    seed_everything(cfg.seed)  # the same seed gives the same initial weights whatever the optimizer
-    model = build_model(cfg.model, data.in_features, data.out_features).to(device)
-    optimizer = build_optimizer(model, cfg.optimizer, device, fused=cfg.train.fused)
-    scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.train.epochs)
-    return model, optimizer, scheduler
-
-
 def training_state(model, optimizer, scheduler) -> dict:
     """Everything a resumed run needs besides its history, copied so that training can go on meanwhile."""
     return copy.deepcopy({
@@ -93,7 +61,7 @@ def training_state(model, optimizer, scheduler) -> dict:
     })
 
 
-def summarize(cfg: Config, history: History, device: torch.device, seconds: float, world: int = 1) -> dict:
+def summarize(cfg: Config, history: History, *, device: torch.device, seconds: float, world: int = 1) -> dict:
     best = history.best()
     last = history.epochs[-1] if history.epochs else None
     return {
@@ -150,10 +118,11 @@ class RunWriter:
         write_csv(self.run_dir / "metrics.csv", rows)
         write_jsonl(self.run_dir / "metrics.jsonl", rows)
         write_json(self.run_dir / "summary.json",
-                   summarize(self.cfg, history, self.device, time.perf_counter() - self.started, self.world))
+                   summarize(self.cfg, history, device=self.device, seconds=time.perf_counter() - self.started,
+                             world=self.world))
 
 
-def train_run(cfg: Config, resume: Optional[str] = None, on_start: Optional[Callable] = None,
+def train_run(cfg: Config, *, resume: Optional[str] = None, on_start: Optional[Callable] = None,
               on_epoch: Optional[Callable[[History], None]] = None,
               on_batch: Optional[Callable[[int, int, int], None]] = None) -> TrainResult:
     """One training run; under torchrun, one rank of a DistributedDataParallel job (only rank 0 writes and reports)."""
@@ -161,12 +130,14 @@ def train_run(cfg: Config, resume: Optional[str] = None, on_start: Optional[Call
     device = distributed.init(dist, preflight(cfg, dist))
     try:
         with torch_settings(cfg):
-            return _train(cfg, dist, device, resume, on_start, on_epoch, on_batch)
+            return _train(cfg, dist=dist, device=device, resume=resume, on_start=on_start, on_epoch=on_epoch,
+                          on_batch=on_batch)
     finally:
         distributed.shutdown(dist)
 
 
-def _train(cfg: Config, dist: Dist, device: torch.device, resume: Optional[str], on_start, on_epoch, on_batch) -> TrainResult:
+def _train(cfg: Config, *, dist: Dist, device: torch.device, resume: Optional[str], on_start, on_epoch,
+           on_batch) -> TrainResult:
     checkpoint = load_checkpoint(Path(resume) / "last.pt") if resume else None
     data = load_data(cfg.data, device)
     model, optimizer, scheduler = build_model_and_optimizer(cfg, data, device)
@@ -201,7 +172,8 @@ def _train(cfg: Config, dist: Dist, device: torch.device, resume: Optional[str],
 
     started = time.perf_counter()
     try:
-        history = fit(cfg, model, optimizer, scheduler, data, history, epoch_done, on_batch, train_model, dist)
+        history = fit(cfg, model, optimizer, scheduler, data, history=history, on_epoch=epoch_done, on_batch=on_batch,
+                      train_model=train_model, dist=dist)
     except KeyboardInterrupt:
         if writer is None:
             raise
@@ -209,7 +181,7 @@ def _train(cfg: Config, dist: Dist, device: torch.device, resume: Optional[str],
         raise RunInterrupted(str(writer.run_dir)) from None
     if writer is not None:
         writer.flush(history=history)  # the final status and the test metrics
-    summary = summarize(cfg, history, device, time.perf_counter() - started, dist.world)
+    summary = summarize(cfg, history, device=device, seconds=time.perf_counter() - started, world=dist.world)
     return TrainResult(writer.run_dir if writer else None, history, summary, start_epoch, dist.primary)
 
 

@@ -68,7 +68,7 @@ def _sample_sum(loss: torch.Tensor, n: int, reduction: str) -> torch.Tensor:
     return loss * n if reduction == "mean" else loss
 
 
-def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, split: Split,
+def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, split: Split, *,
                     batch_size: int, perm: torch.Tensor, accumulate: int = 1, grad_clip: Optional[float] = None,
                     on_batch: Optional[Callable[[int, int], None]] = None, dist: Dist = SINGLE,
                     reduction: Optional[str] = None) -> torch.Tensor:
@@ -118,7 +118,7 @@ def loss_weight(dist: Dist, n_global: int, reduction: str) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loss_fn: nn.Module, split: Split, dist: Dist = SINGLE) -> tuple[float, Optional[float]]:
+def evaluate(model: nn.Module, loss_fn: nn.Module, split: Split, *, dist: Dist = SINGLE) -> tuple[float, Optional[float]]:
     """(average loss, accuracy) over `split`; accuracy is None for regression. Each rank evaluates its shard."""
     model.eval()
     x_all, y_all = dist.shard(split.x), dist.shard(split.y)
@@ -134,7 +134,7 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, split: Split, dist: Dist = SI
     return total / len(split), (correct / len(split) if classify else None)
 
 
-def fit(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data: Data,
+def fit(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data: Data, *,
         history: Optional[History] = None, on_epoch: Optional[Callable[[History], None]] = None,
         on_batch: Optional[Callable[[int, int, int], None]] = None, train_model: Optional[nn.Module] = None,
         dist: Dist = SINGLE) -> History:
@@ -148,11 +148,12 @@ def fit(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
         t0 = time.perf_counter()
         perm = epoch_permutation(len(data.train), cfg.seed, epoch, device)
         batch_cb = (lambda i, n: on_batch(epoch, i, n)) if on_batch else None
-        losses = train_one_epoch(train_model, optimizer, loss_fn, data.train, cfg.data.batch_size, perm,
-                                 cfg.train.accumulate, cfg.train.grad_clip, batch_cb, dist, cfg.train.reduction)
+        losses = train_one_epoch(train_model, optimizer, loss_fn, data.train, batch_size=cfg.data.batch_size, perm=perm,
+                                 accumulate=cfg.train.accumulate, grad_clip=cfg.train.grad_clip, on_batch=batch_cb,
+                                 dist=dist, reduction=cfg.train.reduction)
         finite = torch.isfinite(losses)
         bad_step = None if bool(finite.all()) else int((~finite).nonzero()[0]) + 1
-        val_loss, val_acc = evaluate(model, loss_fn, data.val, dist) if data.val is not None and bad_step is None else (None, None)
+        val_loss, val_acc = evaluate(model, loss_fn, data.val, dist=dist) if data.val is not None and bad_step is None else (None, None)
         lr = current_lr(optimizer)
         train_loss = losses.sum().item() / len(data.train)
         if bad_step is None and val_loss is not None and not math.isfinite(val_loss):
@@ -168,5 +169,5 @@ def fit(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
             return history
     history.status = "completed"
     if data.test is not None:
-        history.test_loss, history.test_accuracy = evaluate(model, loss_fn, data.test, dist)
+        history.test_loss, history.test_accuracy = evaluate(model, loss_fn, data.test, dist=dist)
     return history

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-import optcli.runner as runner_mod
+import optcli.build as build_mod
 import optcli.train as train_mod
 from optcli.compare import Trial, aggregate, parse_specs, run_comparison, verdict
 from optcli.config import load_config
@@ -16,7 +16,7 @@ FAST = ["--set", "train.epochs=6", "--set", "data.samples=32"]
 
 def test_every_optimizer_of_a_seed_starts_from_the_same_weights_and_batches(monkeypatch):
     inits, perms = [], []
-    real_build, real_batches = runner_mod.build_optimizer, train_mod.batches
+    real_build, real_batches = build_mod.build_optimizer, train_mod.batches
 
     def spy_build(model, *args, **kwargs):
         inits.append({k: v.clone() for k, v in model.state_dict().items()})
@@ -26,7 +26,7 @@ def test_every_optimizer_of_a_seed_starts_from_the_same_weights_and_batches(monk
         perms.append(perm.clone())
         return real_batches(split, batch_size, perm)
 
-    monkeypatch.setattr(runner_mod, "build_optimizer", spy_build)
+    monkeypatch.setattr(build_mod, "build_optimizer", spy_build)
     monkeypatch.setattr(train_mod, "batches", spy_batches)
     cfg = load_config(None, ["train.epochs=3", "data.samples=40", "data.batch_size=8", "model.dropout=0.5"])
     run_comparison(cfg, ["sgd", "adam", "rmsprop"], seeds=2)
@@ -108,7 +108,7 @@ def test_files_summary_matches_table_and_png_is_valid(tmp_path):
     with Image.open(run_dir / "loss.png") as im:
         assert im.size[0] > 300 and im.size[1] > 200
     summary = json.loads((run_dir / "summary.json").read_text())
-    from optcli.report import mean_pm
+    from optcli.report.format import mean_pm
 
     text = " ".join(result.output.split())
     for row in summary["rows"]:
@@ -181,7 +181,7 @@ def test_comparisons_run_apart_merge_into_the_one_run_together(tmp_path):
     whole = json.loads(cli("compare", *common, "--seeds", "3", "--set", "name=whole").stdout)
     assert cli("compare", *common, "--seeds", "2", "--set", "seed=0", "--set", "name=a").exit_code == 0
     assert cli("compare", *common, "--seeds", "1", "--set", "seed=2", "--set", "name=b").exit_code == 0
-    result = cli("merge", tmp_path / "runs" / "compare-a", tmp_path / "runs" / "compare-b", "--name", "ab", "--json")
+    result = cli("merge", tmp_path / "runs" / "a", tmp_path / "runs" / "b", "--name", "ab", "--json")
     assert result.exit_code == 0, result.output
     merged = json.loads(result.stdout)
     assert merged["seeds"] == [0, 1, 2]
@@ -191,15 +191,15 @@ def test_comparisons_run_apart_merge_into_the_one_run_together(tmp_path):
     for a, b in zip(merged["rows"], whole["rows"]):
         assert a["final_train_loss"] == b["final_train_loss"] and a["final_train_loss_std"] == b["final_train_loss_std"]
     assert [v["text"] for v in merged["verdicts"]] == [v["text"] for v in whole["verdicts"]]
-    assert (tmp_path / "runs" / "compare-ab" / "loss.png").exists()
+    assert (tmp_path / "runs" / "ab" / "loss.png").exists()
 
 
 def test_merge_refuses_unlike_or_overlapping_comparisons(tmp_path):
     assert cli("compare", "sgd", "adam", *FAST, "--set", "name=a").exit_code == 0
     assert cli("compare", "sgd", "rmsprop", *FAST, "--set", "name=b").exit_code == 0
-    result = cli("merge", tmp_path / "runs" / "compare-a", tmp_path / "runs" / "compare-b")
+    result = cli("merge", tmp_path / "runs" / "a", tmp_path / "runs" / "b")
     assert result.exit_code == 2 and "differs from" in result.output and "in specs" in result.output
-    result = cli("merge", tmp_path / "runs" / "compare-a", tmp_path / "runs" / "compare-a")
+    result = cli("merge", tmp_path / "runs" / "a", tmp_path / "runs" / "a")
     assert result.exit_code == 2 and "sgd seed 0 is in both" in result.output
-    result = cli("merge", tmp_path / "runs" / "compare-a", tmp_path)
+    result = cli("merge", tmp_path / "runs" / "a", tmp_path)
     assert result.exit_code == 2 and "not a comparison run directory" in result.output

@@ -7,7 +7,7 @@ import torch
 
 from optcli.config import load_config
 from optcli.data import load_data
-from optcli.runner import build_model_and_optimizer
+from optcli.build import build_model_and_optimizer
 from optcli.runs import load_checkpoint
 from tests.conftest import assert_user_error, cli, mnist_args
 

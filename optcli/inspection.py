@@ -10,12 +10,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from optcli.build import seed_torch, torch_settings
 from optcli.config import Config, optimizer_config, validate
 from optcli.data import epoch_permutation, load_data, task_shape
 from optcli.errors import UserError
 from optcli.model import build_model, resolve_device
 from optcli.optim import build_optimizer, check_optimizer, needs_closure, parse_spec, resolve_optimizer
-from optcli.runner import seed_everything, torch_settings
 from optcli.runs import load_checkpoint
 from optcli.train import make_loss
 
@@ -178,7 +178,7 @@ def sgd_rule_check(optimizer: torch.optim.Optimizer, model: nn.Module, before: d
     return {"applies": True, "max_abs_error": worst, "holds": worst <= 1e-6}
 
 
-def inspect_params(cfg: Config, checkpoint: Optional[str] = None, optimizer_spec: Optional[str] = None,
+def inspect_params(cfg: Config, *, checkpoint: Optional[str] = None, optimizer_spec: Optional[str] = None,
                    step: bool = False) -> Inspection:
     ckpt = None
     if checkpoint is not None:
@@ -196,7 +196,7 @@ def inspect_params(cfg: Config, checkpoint: Optional[str] = None, optimizer_spec
 def _inspect(cfg: Config, device: torch.device, checkpoint: Optional[str], ckpt: Optional[dict],
              other_optimizer: bool, step: bool) -> Inspection:
     source = f"checkpoint {checkpoint}" if checkpoint is not None else "config"
-    seed_everything(cfg.seed)
+    seed_torch(cfg.seed)
     model = build_model(cfg.model, *task_shape(cfg.data)).to(device)
     optimizer = build_optimizer(model, cfg.optimizer, device, fused=cfg.train.fused)
     notes = []

@@ -1,0 +1,48 @@
+"""What every run builds the same way: torch's seed, the process-wide torch settings, and the model, optimizer
+and scheduler of a config. Shared by single runs, comparison trials and inspect-params."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from optcli.config import Config
+from optcli.data import Data
+from optcli.model import build_model
+from optcli.optim import build_optimizer, build_scheduler
+
+
+def seed_torch(seed: int) -> None:
+    """torch's global generator only (CPU and every CUDA device): initial weights and dropout masks.
+    The data and batch order have generators of their own (data.py)."""
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def torch_settings(cfg: Config, *, threads: int | None = None) -> Iterator[None]:
+    """The process-wide torch settings a run depends on, set for the run and put back after it, since library
+    callers and tests share the process: subnormal flushing and, when given, the thread count (which decides how
+    torch splits parallel sums, and so the last bits of the results).
+
+    Flushing applies to the calling thread and to the threads it creates later: set first thing in a process, it
+    reaches torch's whole thread pool (the CLI does no parallel work before a run starts)."""
+    torch.set_flush_denormal(cfg.train.flush_denormal)  # Adam's exp_avg decays into subnormals, slow on x86
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)  # torch's default; there is no getter to save the state before
+        torch.set_num_threads(previous_threads)
+
+
+def build_model_and_optimizer(cfg: Config, data: Data, device: torch.device):
+    """The model (initial weights a function of cfg.seed alone), its optimizer and scheduler."""
+    seed_torch(cfg.seed)  # the same seed gives the same initial weights whatever the optimizer
+    model = build_model(cfg.model, data.in_features, data.out_features).to(device)
+    optimizer = build_optimizer(model, cfg.optimizer, device, fused=cfg.train.fused)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.train.epochs)
+    return model, optimizer, scheduler

@@ -1,0 +1,1 @@
+"""Everything the user sees: Rich tables, progress displays and plots. The core never prints; this does."""

@@ -1,0 +1,81 @@
+"""Rich progress displays fed by the core's callbacks; they appear only once work starts."""
+
+from __future__ import annotations
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from optcli.report.console import err_console
+from optcli.report.format import fmt
+
+
+def progress_bar(transient: bool = False) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=err_console, transient=transient)
+
+
+class LazyProgress:
+    """A Rich progress display that appears only once work starts, so an input error prints one clean line."""
+
+    def __init__(self):
+        self.progress = progress_bar()
+        self.started = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.started:
+            self.progress.stop()
+        return False
+
+    def begin(self) -> None:
+        if not self.started:
+            self.progress.start()
+            self.started = True
+
+
+class TrainProgress(LazyProgress):
+    """A progress bar over epochs (and the batches of the current one), fed by the training callbacks."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+        self.epoch_task = self.batch_task = None
+
+    def start(self, run_dir, start_epoch: int, data) -> None:
+        self.begin()
+        self.epoch_task = self.progress.add_task("epochs", total=self.epochs, completed=start_epoch - 1, info="")
+        self.batch_task = self.progress.add_task("batches", total=None, info="")
+
+    def batch(self, epoch: int, i: int, n: int) -> None:
+        self.progress.update(self.batch_task, completed=i, total=n, description=f"epoch {epoch}")
+
+    def epoch(self, history) -> None:
+        e = history.epochs[-1]
+        info = f"train {fmt(e.train_loss)}" + (f"  val {fmt(e.val_loss)}" if e.val_loss is not None else "")
+        self.progress.update(self.epoch_task, completed=e.epoch, info=info)
+
+
+class CompareProgress(LazyProgress):
+    """One bar over all (optimizer, seed) trials, and one over the epochs of the trial under way."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+        self.trials = self.current = None
+
+    def plan(self, n_trials: int) -> None:
+        self.begin()
+        self.trials = self.progress.add_task("trials", total=n_trials, info="")
+        self.current = self.progress.add_task("epochs", total=self.epochs, info="")
+
+    def trial_start(self, label: str, seed: int) -> None:
+        self.progress.update(self.current, completed=0, description=f"{label} seed {seed}", info="")
+
+    def epoch(self, history) -> None:
+        e = history.epochs[-1]
+        self.progress.update(self.current, completed=e.epoch, info=f"loss {fmt(e.val_loss if e.val_loss is not None else e.train_loss)}")
+
+    def trial_done(self, label: str, seed: int, history) -> None:
+        self.progress.update(self.trials, advance=1, info=f"{label} seed {seed}: {history.status}")

@@ -1,0 +1,155 @@
+"""Rich tables and the printed summaries of train, compare and optimizers."""
+
+from __future__ import annotations
+
+import math
+
+from rich.table import Table
+
+from optcli.report.console import console
+from optcli.report.format import fmt, mean_pm, pct, sparkline
+
+
+def epochs_table(history, every: int = 0, title: str = "Per-epoch metrics") -> Table:
+    rows = history.epochs
+    every = every or max(1, math.ceil(len(rows) / 20))  # about 20 rows, as the tutorial prints every 100th step
+    has_val = any(e.val_loss is not None for e in rows)
+    has_acc = any(e.val_accuracy is not None for e in rows)
+    table = Table(title=title + (f", every {every} epochs" if every > 1 else ""))
+    table.add_column("epoch", justify="right")
+    table.add_column("train loss", justify="right")
+    if has_val:
+        table.add_column("val loss", justify="right")
+    if has_acc:
+        table.add_column("val acc", justify="right")
+    table.add_column("lr", justify="right")
+    table.add_column("s/epoch", justify="right")
+    for e in rows:
+        if e.epoch % every and e is not rows[-1] and e.epoch != 1:
+            continue
+        cells = [str(e.epoch), fmt(e.train_loss)]
+        cells += [fmt(e.val_loss)] if has_val else []
+        cells += [pct(e.val_accuracy)] if has_acc else []
+        table.add_row(*cells, fmt(e.lr), f"{e.seconds:.3f}")
+    return table
+
+
+def print_train_result(result, every: int = 0) -> None:
+    h, s = result.history, result.summary
+    console.print(epochs_table(h, every))
+    status = {"completed": "[green]completed", "diverged": "[red]diverged", "interrupted": "[yellow]interrupted"}
+    line = f"{status.get(h.status, h.status)}[/]: {s['epochs_completed']}/{s['epochs_planned']} epochs"
+    if h.diverged_at:
+        line += f", non-finite loss at epoch {h.diverged_at['epoch']} step {h.diverged_at['step']}"
+    if s["best"]:
+        b = s["best"]
+        what = "val loss" if b["val_loss"] is not None else "train loss"
+        line += f"; best {what} {fmt(b['val_loss'] if b['val_loss'] is not None else b['train_loss'])} at epoch {b['epoch']}"
+    if h.test_loss is not None:
+        line += f"; test loss {fmt(h.test_loss)}" + (f", test acc {pct(h.test_accuracy)}" if h.test_accuracy is not None else "")
+    if s["seconds_per_epoch"]:
+        line += f"; {s['seconds_per_epoch']:.3f} s/epoch on {s['device']}"
+    console.print(line)
+    console.print(f"run directory: {result.run_dir}")
+
+
+def optimizers_table(rows: list[dict]) -> Table:
+    table = Table(title="torch.optim optimizers (defaults read from their signatures)")
+    table.add_column("name")
+    table.add_column("defaults")
+    for r in rows:
+        table.add_row(r["name"], ", ".join(f"{k}={v}" for k, v in r["defaults"].items()))
+    return table
+
+
+def comparison_table(c) -> Table:
+    classify = c.task == "classification"
+    metrics = [("final_train_loss", "final train loss", True, False), ("best_val_loss", "best val loss", True, False)]
+    if classify:
+        metrics += [("val_accuracy", "val acc", False, True), ("test_accuracy", "test acc", False, True)]
+    metrics = [m for m in metrics if any(r[m[0]] is not None for r in c.rows)]
+    table = Table(title=f"Optimizers over {len(c.seeds)} seed(s) {c.seeds}, {c.epochs} epochs (mean ± std)")
+    table.add_column("optimizer")
+    table.add_column("hyperparameters")
+    for _, title, _, _ in metrics:
+        table.add_column(title, justify="right")
+    table.add_column("epochs to best", justify="right")
+    table.add_column("s/epoch", justify="right")
+    table.add_column("status")
+    best = {}
+    for key, _, lower, _ in metrics:
+        done = [r for r in c.rows if r[key] is not None]
+        if done:
+            best[key] = (min if lower else max)(done, key=lambda r: r[key])["label"]
+    for r in c.rows:
+        cells = [r["label"], ", ".join(f"{k}={v}" for k, v in r["hyperparameters"].items()) or "defaults"]
+        for key, _, _, as_pct in metrics:
+            text = mean_pm(r[key], r[key + "_std"], as_pct)
+            cells.append(f"[bold green]{text}[/]" if best.get(key) == r["label"] else text)
+        cells += [mean_pm(r["epochs_to_best"], r["epochs_to_best_std"]), fmt(r["seconds_per_epoch"], 3)]
+        status = r["status"] if not r["diverged_at"] else r["status"] + " (" + ", ".join(
+            f"seed {d['seed']} epoch {d['epoch']}" for d in r["diverged_at"]) + ")"
+        cells.append(f"[red]{status}[/]" if r["diverged_at"] else status)
+        table.add_row(*cells)
+    return table
+
+
+def curve_table(c, max_rows: int = 30) -> Table:
+    """Validation loss per epoch, one column per optimizer, best per row highlighted; sparklines when long."""
+    kind = "val_loss" if any(p[0] is not None for cur in c.curves.values() for p in cur["val_loss"]) else "train_loss"
+    title = ("validation" if kind == "val_loss" else "training") + " loss per epoch (mean over seeds)"
+    labels = [s.label for s in c.specs]
+    if c.epochs > max_rows:
+        table = Table(title=title + ", log scale")
+        table.add_column("optimizer")
+        table.add_column(f"epochs 1 → {c.epochs}")
+        table.add_column("last", justify="right")
+        for label in labels:
+            means = [p[0] for p in c.curves[label][kind]]
+            last = next((v for v in reversed(means) if v is not None), None)
+            table.add_row(label, sparkline(means), fmt(last))
+        return table
+    table = Table(title=title)
+    table.add_column("epoch", justify="right")
+    for label in labels:
+        table.add_column(label, justify="right")
+    for e in range(c.epochs):
+        values = {label: c.curves[label][kind][e][0] for label in labels}
+        finite = [v for v in values.values() if v is not None]
+        low = min(finite) if finite else None
+        table.add_row(str(e + 1), *[(f"[bold green]{fmt(v)}[/]" if v is not None and v == low else fmt(v))
+                                    for v in values.values()])
+    return table
+
+
+def tuning_table(tuning: dict) -> Table:
+    table = Table(title=f"Learning-rate tuning: {tuning['budget']} learning rates per optimizer, seed {tuning['seed']}, "
+                        f"chosen by {tuning['selected_by']}")
+    table.add_column("optimizer")
+    table.add_column("grid (lr: val loss)")
+    table.add_column("chosen lr", justify="right")
+    for label, t in tuning["optimizers"].items():
+        grid = ", ".join(f"{fmt(lr, 3)}: {fmt(v, 3)}" for lr, v in zip(t["grid"], t["val_loss"]))
+        table.add_row(label, grid, fmt(t["chosen_lr"], 3) + (" [yellow](grid edge)[/]" if t["at_edge"] else ""))
+    edge = [label for label, t in tuning["optimizers"].items() if t["at_edge"]]
+    if edge:
+        table.caption = (f"{', '.join(edge)}: the best lr is at the edge of the grid; the optimum may lie beyond it "
+                         f"(give an lr in the spec to move the grid)")
+    return table
+
+
+def print_comparison(c) -> None:
+    if c.tuning:
+        console.print(tuning_table(c.tuning))
+    console.print(comparison_table(c))
+    console.print(curve_table(c))
+    console.print("[bold]Verdict[/]")
+    for v in c.verdicts:
+        console.print(f"  {v['name']}: {v['text']}")
+    if not c.verdicts:
+        console.print("  fewer than two optimizers completed every seed: no verdict")
+    outside = c.wall_seconds - c.epoch_seconds / c.jobs
+    if c.wall_seconds:
+        console.print(f"wall time {c.wall_seconds:.1f} s ({c.epoch_seconds:.1f} s inside training epochs"
+                      + (f", {c.jobs} jobs" if c.jobs > 1 else f", {max(outside, 0):.1f} s outside") + ")")
+    console.print(f"files: {c.run_dir}")

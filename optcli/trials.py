@@ -1,0 +1,139 @@
+"""One trial (an optimizer spec trained from one seed) and the runners that execute many of them.
+
+Every runner has the same interface: `run(plan)` takes (spec, seed) pairs and returns their histories in plan
+order; `close()` releases what it holds (it is a context manager). A trial's result depends only on
+(config, spec, seed) and on torch's thread count (parallel sums are split by thread), so runners with the
+same threads per trial give bit-identical results.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from optcli.build import build_model_and_optimizer, seed_torch
+from optcli.config import Config, OptimizerConfig, optimizer_config
+from optcli.data import Data
+from optcli.train import History, fit
+
+
+@dataclass
+class OptimizerSpec:
+    label: str
+    name: str  # the optimizer's class name
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def config(self) -> OptimizerConfig:
+        return optimizer_config(self.name, self.kwargs, f"optimizer spec '{self.label}'")
+
+
+Plan = list[tuple[OptimizerSpec, int]]
+
+
+@dataclass
+class TrialCallbacks:
+    """Progress hooks; the runners call them from the driving process only."""
+
+    on_trial_start: Callable[[str, int], None] | None = None
+    on_trial_done: Callable[[str, int, History], None] | None = None
+    on_epoch: Callable[[History], None] | None = None
+
+
+def run_trial(cfg: Config, data: Data, spec: OptimizerSpec, seed: int, *,
+              on_epoch: Callable[[History], None] | None = None) -> History:
+    """One (optimizer, seed) run. The initial weights, the batch order and the dropout masks are functions of
+    the seed alone, so every optimizer of a seed starts from the same point, in any process."""
+    cfg = cfg.model_copy(update={"seed": seed, "optimizer": spec.config()})
+    model, optimizer, scheduler = build_model_and_optimizer(cfg, data, data.train.x.device)
+    seed_torch(seed)  # the same dropout masks for every optimizer of this seed
+    return fit(cfg, model, optimizer, scheduler, data, on_epoch=on_epoch)
+
+
+class TrialRunner:
+    """The interface: run a plan of (spec, seed) trials, return their histories in plan order."""
+
+    def __init__(self, callbacks: TrialCallbacks | None = None):
+        self.callbacks = callbacks or TrialCallbacks()
+
+    def run(self, plan: Plan) -> list[History]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Nothing to release by default."""
+
+    def __enter__(self) -> TrialRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SerialRunner(TrialRunner):
+    """Trials one after another in this process, on data loaded once."""
+
+    def __init__(self, cfg: Config, data: Data, callbacks: TrialCallbacks | None = None):
+        super().__init__(callbacks)
+        self.cfg, self.data = cfg, data
+
+    def run(self, plan: Plan) -> list[History]:
+        cb, histories = self.callbacks, []
+        for spec, seed in plan:
+            if cb.on_trial_start:
+                cb.on_trial_start(spec.label, seed)
+            histories.append(run_trial(self.cfg, self.data, spec, seed, on_epoch=cb.on_epoch))
+            if cb.on_trial_done:
+                cb.on_trial_done(spec.label, seed, histories[-1])
+        return histories
+
+
+def threads_per_job(jobs: int) -> int:
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(cfg_json: dict, threads: int) -> None:
+    import torch
+
+    from optcli.data import load_data
+    from optcli.model import resolve_device
+
+    cfg = Config.model_validate(cfg_json)
+    # before any parallel work, so that the thread pool inherits it; a worker lives for one comparison only
+    torch.set_flush_denormal(cfg.train.flush_denormal)
+    torch.set_num_threads(threads)
+    _worker["cfg"] = cfg
+    _worker["data"] = load_data(cfg.data, resolve_device(cfg.device))
+
+
+def _run_in_worker(spec: OptimizerSpec, seed: int) -> History:
+    return run_trial(_worker["cfg"], _worker["data"], spec, seed)
+
+
+class ProcessPoolRunner(TrialRunner):
+    """Trials in `jobs` worker processes on this machine; each worker loads the data once and runs whole
+    trials, with threads per worker set so that workers x threads does not exceed the cores."""
+
+    def __init__(self, cfg: Config, *, jobs: int, threads: int | None = None, callbacks: TrialCallbacks | None = None):
+        super().__init__(callbacks)
+        # spawn, not fork: a forked child of a process that has started torch's thread pools can hang
+        self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_init_worker,
+                                        initargs=(cfg.model_dump(mode="json"), threads or threads_per_job(jobs)))
+
+    def run(self, plan: Plan) -> list[History]:
+        futures = [self.pool.submit(_run_in_worker, spec, seed) for spec, seed in plan]
+        results = []
+        for (spec, seed), future in zip(plan, futures):
+            results.append(future.result())
+            if self.callbacks.on_trial_done:
+                self.callbacks.on_trial_done(spec.label, seed, results[-1])
+        return results
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
