@@ -34,9 +34,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from optcli.build import build_model_and_optimizer, torch_settings  # noqa: E402
 from optcli.config import load_config  # noqa: E402
 from optcli.data import epoch_permutation, load_data  # noqa: E402
-from optcli.build import build_model_and_optimizer, torch_settings  # noqa: E402
 from optcli.train import make_loss, train_one_epoch  # noqa: E402
 
 BATCH = 128
@@ -50,15 +50,29 @@ def check(what: str, ratio: float, target: float) -> None:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return (f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"device cpu, Python {platform.python_version()}")
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
+    return (
+        f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"device cpu, Python {platform.python_version()}"
+    )
 
 
 def optcli_config(data_root: str, *extra: str):
-    return load_config(ROOT / "configs" / "mnist_mlp.yaml",
-                       [f"data.root={data_root}", "data.download=false", "data.val_fraction=0", "device=cpu", *extra])
+    return load_config(
+        ROOT / "configs" / "mnist_mlp.yaml",
+        [f"data.root={data_root}", "data.download=false", "data.val_fraction=0", "device=cpu", *extra],
+    )
 
 
 def time_optcli_epochs(data_root: str, epochs: int, *extra: str) -> list[float]:
@@ -76,8 +90,14 @@ def _time_epochs(cfg, epochs: int) -> list[float]:
     times = []
     for epoch in range(epochs + 1):  # epoch 0 is the warm-up
         t0 = time.perf_counter()
-        losses = train_one_epoch(run_model, optimizer, loss_fn, data.train, batch_size=BATCH,
-                                 perm=epoch_permutation(len(data.train), 0, epoch, device))
+        losses = train_one_epoch(
+            run_model,
+            optimizer,
+            loss_fn,
+            data.train,
+            batch_size=BATCH,
+            perm=epoch_permutation(len(data.train), 0, epoch, device),
+        )
         losses.sum().item()  # the one host sync of the epoch
         times.append(time.perf_counter() - t0)
     return times[1:]
@@ -91,8 +111,16 @@ def time_canonical_epochs(data_root: str, epochs: int) -> list[float]:
     dataset = datasets.MNIST(data_root, train=True, download=False, transform=transform)
     loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Dropout(0.2),
-                          nn.Linear(512, 512), nn.ReLU(), nn.Dropout(0.2), nn.Linear(512, 10))
+    model = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 512),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        nn.Linear(512, 512),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        nn.Linear(512, 10),
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     times = []
     for epoch in range(epochs + 1):
@@ -166,10 +194,28 @@ print(json.dumps({"wall": wall, "epoch_seconds": c.epoch_seconds, "jobs": c.jobs
 
 
 def run_compare(data_root: str, epochs: int, jobs: int, out_dir: str, threads: int = 0) -> dict:
-    overrides = [f"data.root={data_root}", "data.download=false", f"train.epochs={epochs}", f"out_dir={out_dir}",
-                 "device=cpu"]
-    out = subprocess.run([sys.executable, "-c", COMPARE_SNIPPET, str(ROOT / "configs" / "mnist_mlp.yaml"), str(jobs), str(threads),
-                          *overrides], check=True, capture_output=True, text=True, cwd=ROOT)
+    overrides = [
+        f"data.root={data_root}",
+        "data.download=false",
+        f"train.epochs={epochs}",
+        f"out_dir={out_dir}",
+        "device=cpu",
+    ]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            COMPARE_SNIPPET,
+            str(ROOT / "configs" / "mnist_mlp.yaml"),
+            str(jobs),
+            str(threads),
+            *overrides,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -181,10 +227,27 @@ print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 
 
 def peak_rss_mb(data_root: str, out_dir: str) -> float:
-    cmd = [sys.executable, "-m", "optcli", "train", "--config", str(ROOT / "configs" / "mnist_mlp.yaml"),
-           "--set", f"data.root={data_root}", "--set", "data.download=false", "--set", "train.epochs=1",
-           "--set", f"out_dir={out_dir}", "--set", "device=cpu"]
-    out = subprocess.run([sys.executable, "-c", PEAK_SNIPPET, *cmd], check=True, capture_output=True, text=True, cwd=ROOT)
+    cmd = [
+        sys.executable,
+        "-m",
+        "optcli",
+        "train",
+        "--config",
+        str(ROOT / "configs" / "mnist_mlp.yaml"),
+        "--set",
+        f"data.root={data_root}",
+        "--set",
+        "data.download=false",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        f"out_dir={out_dir}",
+        "--set",
+        "device=cpu",
+    ]
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_SNIPPET, *cmd], check=True, capture_output=True, text=True, cwd=ROOT
+    )
     return int(out.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
 
 
@@ -193,16 +256,23 @@ def epoch_section(data_root: str, args) -> None:
     ours = time_optcli_epochs(data_root, args.epochs)
     print(f"  optcli epoch:     median {statistics.median(ours):.3f} s  (each: {', '.join(f'{t:.3f}' for t in ours)})")
     canonical = time_canonical_epochs(data_root, max(2, args.epochs - 1))
-    print(f"  canonical epoch:  median {statistics.median(canonical):.3f} s  (each: {', '.join(f'{t:.3f}' for t in canonical)})")
+    print(
+        f"  canonical epoch:  median {statistics.median(canonical):.3f} s  "
+        f"(each: {', '.join(f'{t:.3f}' for t in canonical)})"
+    )
     limit, flops = compute_limit(60000)
-    print(f"  compute limit:    {limit:.3f} s  ({flops / 1e9:.1f} GFLOP of matmuls at {flops / limit / 1e9:.1f} GFLOP/s "
-          f"measured per shape with torch.matmul)")
+    print(
+        f"  compute limit:    {limit:.3f} s  ({flops / 1e9:.1f} GFLOP of matmuls at {flops / limit / 1e9:.1f} GFLOP/s "
+        f"measured per shape with torch.matmul)"
+    )
     check("optcli / canonical epoch", statistics.median(ours) / statistics.median(canonical), 0.30)
     check("optcli epoch / compute limit", statistics.median(ours) / limit, 1.5)
     if args.compile:
         compiled = time_optcli_epochs(data_root, args.epochs, "train.compile=true")
-        print(f"  with train.compile=true: median {statistics.median(compiled):.3f} s "
-              f"({statistics.median(compiled) / statistics.median(ours):.2f}x the eager epoch)")
+        print(
+            f"  with train.compile=true: median {statistics.median(compiled):.3f} s "
+            f"({statistics.median(compiled) / statistics.median(ours):.2f}x the eager epoch)"
+        )
 
 
 def cli_section() -> None:
@@ -217,12 +287,17 @@ def compare_section(data_root: str, args, out_dir: str) -> None:
     print(f"\n3. compare sgd adam rmsprop, 3 seeds, {args.compare_epochs} epochs each (a fresh process)")
     serial = run_compare(data_root, args.compare_epochs, 1, out_dir)
     outside = serial["wall"] - serial["epoch_seconds"]
-    print(f"  wall {serial['wall']:.1f} s, inside training epochs {serial['epoch_seconds']:.1f} s, outside {outside:.1f} s "
-          f"(data loaded once; includes the one-time imports of torchvision and torch._dynamo)")
+    print(
+        f"  wall {serial['wall']:.1f} s, inside training epochs {serial['epoch_seconds']:.1f} s, "
+        f"outside {outside:.1f} s "
+        f"(data loaded once; includes the one-time imports of torchvision and torch._dynamo)"
+    )
     check("compare time outside epochs / wall", outside / serial["wall"], 0.10)
     parallel = run_compare(data_root, args.compare_epochs, 2, out_dir)
-    print(f"  --jobs 2 (1 thread each): wall {parallel['wall']:.1f} s, speed-up {serial['wall'] / parallel['wall']:.2f}x "
-          f"over the serial run with {torch.get_num_threads()} threads")
+    print(
+        f"  --jobs 2 (1 thread each): wall {parallel['wall']:.1f} s, speed-up {serial['wall'] / parallel['wall']:.2f}x "
+        f"over the serial run with {torch.get_num_threads()} threads"
+    )
     # bit-identity needs equal thread counts: --jobs 2 (1 thread each) against a serial --threads 1, one epoch each
     parallel_1 = run_compare(data_root, 1, 2, out_dir)
     serial_1 = run_compare(data_root, 1, 1, out_dir, threads=1)
@@ -246,8 +321,12 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per loop (after one warm-up)")
     parser.add_argument("--compare-epochs", type=int, default=3, help="epochs per trial in the compare measurement")
     parser.add_argument("--compile", action="store_true", help="also time train.compile=true")
-    parser.add_argument("--only", choices=["epoch", "cli", "compare", "memory"], action="append",
-                        help="run only these sections (repeatable); all by default")
+    parser.add_argument(
+        "--only",
+        choices=["epoch", "cli", "compare", "memory"],
+        action="append",
+        help="run only these sections (repeatable); all by default",
+    )
     args = parser.parse_args()
     data_root = str(Path(args.data_root).resolve())
     if not (Path(data_root) / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
@@ -266,7 +345,10 @@ def main() -> int:
     if run("memory"):
         memory_section(data_root, out_dir)
     missed = [r for r in results if not r[3]]
-    print(f"\n{len(results) - len(missed)} of {len(results)} targets met" + (": missed " + "; ".join(r[0] for r in missed) if missed else ""))
+    print(
+        f"\n{len(results) - len(missed)} of {len(results)} targets met"
+        + (": missed " + "; ".join(r[0] for r in missed) if missed else "")
+    )
     return 1 if missed else 0
 
 

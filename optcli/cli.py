@@ -6,15 +6,23 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help="Train small PyTorch networks and compare optimizers fairly.")
+app = typer.Typer(
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Train small PyTorch networks and compare optimizers fairly.",
+)
 
-ConfigOpt = typer.Option(None, "--config", "-c", metavar="FILE", help="YAML config; the built-in regression task when absent.")
-SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="Override a config key: --set optimizer.lr=3e-4 (repeatable).")
+ConfigOpt = typer.Option(
+    None, "--config", "-c", metavar="FILE", help="YAML config; the built-in regression task when absent."
+)
+SetOpt = typer.Option(
+    None, "--set", metavar="KEY=VALUE", help="Override a config key: --set optimizer.lr=3e-4 (repeatable)."
+)
 EpochsOpt = typer.Option(None, "--epochs", metavar="N", help="Override train.epochs.")
 JsonOpt = typer.Option(False, "--json", help="Print the result as JSON on stdout instead of tables.")
 PrintConfigOpt = typer.Option(False, "--print-config", help="Print the resolved config and exit.")
@@ -29,8 +37,11 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def main(_version_flag: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                            help="Print optcli's version and exit.")) -> None:
+def main(
+    _version_flag: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print optcli's version and exit."
+    ),
+) -> None:
     """Train small PyTorch networks and compare optimizers fairly."""
 
 
@@ -53,7 +64,7 @@ def user_errors(command: Callable) -> Callable:
     return wrapper
 
 
-def overrides(set_: Optional[List[str]], epochs: Optional[int] = None) -> list[str]:
+def overrides(set_: list[str] | None, epochs: int | None = None) -> list[str]:
     """--set items, with --epochs N as the last word on train.epochs."""
     return list(set_ or []) + ([f"train.epochs={epochs}"] if epochs is not None else [])
 
@@ -77,10 +88,12 @@ def print_config(cfg: Any) -> None:
 @app.command()
 @user_errors
 def train(
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[List[str]] = SetOpt,
-    epochs: Optional[int] = EpochsOpt,
-    resume: Optional[Path] = typer.Option(None, "--resume", metavar="RUN_DIR", help="Continue runs/<name> from its last.pt."),
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+    epochs: int | None = EpochsOpt,
+    resume: Path | None = typer.Option(
+        None, "--resume", metavar="RUN_DIR", help="Continue runs/<name> from its last.pt."
+    ),
     print_config_: bool = PrintConfigOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -101,11 +114,19 @@ def train(
     if print_config_:
         return print_config(cfg)
     with TrainProgress(cfg.train.epochs) as progress:
-        result = runner.train_run(cfg, resume=str(resume) if resume else None, on_start=progress.start,
-                                  on_epoch=progress.epoch, on_batch=progress.batch)
+        result = runner.train_run(
+            cfg,
+            resume=str(resume) if resume else None,
+            on_start=progress.start,
+            on_epoch=progress.epoch,
+            on_batch=progress.batch,
+        )
     if result.primary:  # under torchrun only rank 0 reports
-        show({**result.summary, "run_dir": str(result.run_dir)}, json_out,
-             lambda: print_train_result(result, cfg.train.log_every))
+        show(
+            {**result.summary, "run_dir": str(result.run_dir)},
+            json_out,
+            lambda: print_train_result(result, cfg.train.log_every),
+        )
     if result.history.status == "diverged":
         raise typer.Exit(1)
 
@@ -113,17 +134,23 @@ def train(
 @app.command()
 @user_errors
 def compare(
-    optimizers: List[str] = typer.Argument(..., metavar="OPTIMIZER...",
-                                           help="Optimizer names with optional settings: sgd:lr=0.1,momentum=0.9"),
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[List[str]] = SetOpt,
-    epochs: Optional[int] = EpochsOpt,
-    seeds: int = typer.Option(1, "--seeds", metavar="K", help="Repeat every run for this many seeds (config seed, +1, ...)."),
+    optimizers: list[str] = typer.Argument(
+        ..., metavar="OPTIMIZER...", help="Optimizer names with optional settings: sgd:lr=0.1,momentum=0.9"
+    ),
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+    epochs: int | None = EpochsOpt,
+    seeds: int = typer.Option(
+        1, "--seeds", metavar="K", help="Repeat every run for this many seeds (config seed, +1, ...)."
+    ),
     tune_lr: bool = typer.Option(False, "--tune-lr", help="Tune each optimizer's lr on the validation split first."),
-    tune_budget: int = typer.Option(5, "--tune-budget", metavar="N", help="Learning rates tried per optimizer with --tune-lr."),
+    tune_budget: int = typer.Option(
+        5, "--tune-budget", metavar="N", help="Learning rates tried per optimizer with --tune-lr."
+    ),
     jobs: int = typer.Option(1, "--jobs", "-j", metavar="N", help="Run trials in this many processes."),
-    threads: Optional[int] = typer.Option(None, "--threads", metavar="N",
-                                          help="torch threads per trial (default: cores, or cores // jobs)."),
+    threads: int | None = typer.Option(
+        None, "--threads", metavar="N", help="torch threads per trial (default: cores, or cores // jobs)."
+    ),
     print_config_: bool = PrintConfigOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -142,16 +169,25 @@ def compare(
         return print_config(cfg)
     with CompareProgress(cfg.train.epochs) as p:
         callbacks = TrialCallbacks(on_trial_start=p.trial_start, on_trial_done=p.trial_done, on_epoch=p.epoch)
-        result = run_comparison(cfg, optimizers, seeds=seeds, tune_lr=tune_lr, tune_budget=tune_budget, jobs=jobs,
-                                threads=threads, on_plan=p.plan, callbacks=callbacks)
+        result = run_comparison(
+            cfg,
+            optimizers,
+            seeds=seeds,
+            tune_lr=tune_lr,
+            tune_budget=tune_budget,
+            jobs=jobs,
+            threads=threads,
+            on_plan=p.plan,
+            callbacks=callbacks,
+        )
     show(result.to_dict(), json_out, lambda: print_comparison(result))
 
 
 @app.command()
 @user_errors
 def merge(
-    run_dirs: List[Path] = typer.Argument(..., metavar="RUN_DIR...", help="Comparison run directories to merge."),
-    name: Optional[str] = typer.Option(None, "--name", help="Name of the merged run directory."),
+    run_dirs: list[Path] = typer.Argument(..., metavar="RUN_DIR...", help="Comparison run directories to merge."),
+    name: str | None = typer.Option(None, "--name", help="Name of the merged run directory."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Merge comparisons of the same optimizers run apart (other seeds, other machines) into one.
@@ -168,10 +204,12 @@ def merge(
 @app.command("inspect-params")
 @user_errors
 def inspect_params(
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[List[str]] = SetOpt,
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", metavar="FILE", help="A run's last.pt (or its run directory)."),
-    optimizer: Optional[str] = typer.Option(None, "--optimizer", metavar="SPEC", help="Optimizer spec, e.g. sgd:lr=0.1."),
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", metavar="FILE", help="A run's last.pt (or its run directory)."
+    ),
+    optimizer: str | None = typer.Option(None, "--optimizer", metavar="SPEC", help="Optimizer spec, e.g. sgd:lr=0.1."),
     step: bool = typer.Option(False, "--step", help="Run one batch: gradients, update, SGD rule, accumulation."),
     json_out: bool = JsonOpt,
 ) -> None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -18,7 +19,14 @@ from optcli.config import Config, optimizer_config, to_yaml
 from optcli.data import load_data
 from optcli.errors import UserError
 from optcli.model import check_model_config, resolve_device
-from optcli.optim import check_kwargs, check_optimizer, check_scheduler, parse_spec, resolve_optimizer, signature_defaults
+from optcli.optim import (
+    check_kwargs,
+    check_optimizer,
+    check_scheduler,
+    parse_spec,
+    resolve_optimizer,
+    signature_defaults,
+)
 from optcli.runs import atomic_write_text, create_run_dir, write_csv, write_json
 from optcli.stats import mean_std, paired_verdict
 from optcli.train import History
@@ -38,7 +46,7 @@ class Trial:
     label: str
     seed: int
     history: History
-    lr: Optional[float] = None  # the learning rate tried, for tuning trials
+    lr: float | None = None  # the learning rate tried, for tuning trials
 
 
 @dataclass
@@ -51,8 +59,8 @@ class Comparison:
     rows: list[dict]  # one per optimizer: mean and std over seeds of every metric
     verdicts: list[dict]
     curves: dict[str, dict[str, list]]  # label -> {"train": [(mean, std)...], "val": [...]} per epoch
-    tuning: Optional[dict] = None
-    run_dir: Optional[str] = None
+    tuning: dict | None = None
+    run_dir: str | None = None
     wall_seconds: float = 0.0
     epoch_seconds: float = 0.0  # time inside training epochs, summed over trials
     jobs: int = 1
@@ -103,25 +111,33 @@ def _tune_score(history: History) -> float:
     return best.val_loss
 
 
-def tune_learning_rates(specs: list[OptimizerSpec], *, budget: int, seed: int, runner: TrialRunner) -> tuple[dict, list[Trial]]:
+def tune_learning_rates(
+    specs: list[OptimizerSpec], *, budget: int, seed: int, runner: TrialRunner
+) -> tuple[dict, list[Trial]]:
     """The same budget of learning rates for every optimizer, judged on the validation split only."""
     grids = {s.label: lr_grid(s, budget) for s in specs}
     plan = [(OptimizerSpec(s.label, s.name, {**s.kwargs, "lr": lr}), seed) for s in specs for lr in grids[s.label]]
-    trials = [Trial(spec.label, seed, h, spec.kwargs["lr"]) for (spec, _), h in zip(plan, runner.run(plan))]
-    tuning = {"budget": budget, "seed": seed, "selected_by": "best validation loss", "optimizers": {}}
+    trials = [
+        Trial(spec.label, seed, h, spec.kwargs["lr"]) for (spec, _), h in zip(plan, runner.run(plan), strict=True)
+    ]
+    tuning: dict[str, Any] = {"budget": budget, "seed": seed, "selected_by": "best validation loss", "optimizers": {}}
     for spec in specs:
         tried = [t for t in trials if t.label == spec.label]
         scores = [_tune_score(t.history) for t in tried]
         best = min(range(len(tried)), key=lambda i: scores[i])
         if math.isinf(scores[best]):
             raise UserError(f"--tune-lr: every learning rate diverged for {spec.label} ({grids[spec.label]})")
-        tuning["optimizers"][spec.label] = {"grid": grids[spec.label], "val_loss": scores, "chosen_lr": tried[best].lr,
-                                            "at_edge": len(tried) > 1 and best in (0, len(tried) - 1)}
+        tuning["optimizers"][spec.label] = {
+            "grid": grids[spec.label],
+            "val_loss": scores,
+            "chosen_lr": tried[best].lr,
+            "at_edge": len(tried) > 1 and best in (0, len(tried) - 1),
+        }
         spec.kwargs = {**spec.kwargs, "lr": tried[best].lr}
     return tuning, trials
 
 
-def trial_metrics(history: History) -> dict[str, Optional[float]]:
+def trial_metrics(history: History) -> dict[str, float | None]:
     best = history.best()
     last = history.epochs[-1] if history.epochs else None
     return {
@@ -139,20 +155,26 @@ def aggregate(specs: list[OptimizerSpec], trials: list[Trial]) -> list[dict]:
     for spec in specs:
         mine = [t for t in trials if t.label == spec.label]
         done = [t for t in mine if t.history.status == "completed"]
-        row: dict[str, Any] = {"label": spec.label, "optimizer": spec.name, "hyperparameters": spec.kwargs,
-                               "seeds": len(mine), "completed": len(done)}
+        row: dict[str, Any] = {
+            "label": spec.label,
+            "optimizer": spec.name,
+            "hyperparameters": spec.kwargs,
+            "seeds": len(mine),
+            "completed": len(done),
+        }
         for key in [m[0] for m in METRICS] + ["epochs_to_best", "seconds_per_epoch"]:
             values = [v for t in done if (v := trial_metrics(t.history)[key]) is not None]
             row[key], row[key + "_std"] = mean_std(values)
         diverged = [t for t in mine if t.history.status == "diverged"]
         row["status"] = "completed" if not diverged else f"diverged {len(diverged)}/{len(mine)}"
-        row["diverged_at"] = [{"seed": t.seed, **t.history.diverged_at} for t in diverged]
+        row["diverged_at"] = [{"seed": t.seed, **(t.history.diverged_at or {})} for t in diverged]
         rows.append(row)
     return rows
 
 
-def verdict(metric: str, name: str, lower_better: bool, specs: list[OptimizerSpec], trials: list[Trial],
-            seeds: list[int]) -> Optional[dict]:
+def verdict(
+    metric: str, name: str, lower_better: bool, specs: list[OptimizerSpec], trials: list[Trial], seeds: list[int]
+) -> dict | None:
     """The best optimizer on one metric, and whether its lead over the runner-up beats the seed-to-seed spread."""
     per_label: dict[str, dict[int, float]] = {}
     for t in trials:
@@ -164,7 +186,7 @@ def verdict(metric: str, name: str, lower_better: bool, specs: list[OptimizerSpe
 
 def curves(specs: list[OptimizerSpec], trials: list[Trial], epochs: int) -> dict[str, dict[str, list]]:
     """Per optimizer and epoch: [mean, std, min, max] over the seeds that reached it with a finite loss."""
-    out = {}
+    out: dict[str, dict[str, list]] = {}
     for spec in specs:
         mine = [t.history.epochs for t in trials if t.label == spec.label]
         out[spec.label] = {}
@@ -177,10 +199,18 @@ def curves(specs: list[OptimizerSpec], trials: list[Trial], epochs: int) -> dict
     return out
 
 
-def run_comparison(cfg: Config, spec_texts: list[str], *, seeds: int = 1, tune_lr: bool = False,
-                   tune_budget: int = 5, jobs: int = 1, threads: Optional[int] = None,
-                   on_plan: Optional[Callable[[int], None]] = None,
-                   callbacks: Optional[TrialCallbacks] = None) -> Comparison:
+def run_comparison(
+    cfg: Config,
+    spec_texts: list[str],
+    *,
+    seeds: int = 1,
+    tune_lr: bool = False,
+    tune_budget: int = 5,
+    jobs: int = 1,
+    threads: int | None = None,
+    on_plan: Callable[[int], None] | None = None,
+    callbacks: TrialCallbacks | None = None,
+) -> Comparison:
     """Every optimizer x seed, from the same initial weights and batches per seed; files under runs/compare-*/.
     With jobs > 1 the trials run in separate processes (trials.ProcessPoolRunner). `threads` is torch's thread
     count per trial (default: all cores serially, cores // jobs in parallel); with equal thread counts serial and
@@ -198,16 +228,26 @@ def run_comparison(cfg: Config, spec_texts: list[str], *, seeds: int = 1, tune_l
     seed_list = [cfg.seed + i for i in range(seeds)]
     if on_plan:
         on_plan(len(specs) * (len(seed_list) + (tune_budget if tune_lr else 0)))
-    with torch_settings(cfg, threads=threads if jobs == 1 else None), \
-            make_runner(cfg, device=device, jobs=jobs, threads=threads, callbacks=callbacks) as runner:
-        tuning, tune_trials = (tune_learning_rates(specs, budget=tune_budget, seed=seed_list[0], runner=runner)
-                               if tune_lr else (None, []))
+    with (
+        torch_settings(cfg, threads=threads if jobs == 1 else None),
+        make_runner(cfg, device=device, jobs=jobs, threads=threads, callbacks=callbacks) as runner,
+    ):
+        tuning, tune_trials = (
+            tune_learning_rates(specs, budget=tune_budget, seed=seed_list[0], runner=runner) if tune_lr else (None, [])
+        )
         plan = [(spec, seed) for seed in seed_list for spec in specs]
-        trials = [Trial(spec.label, seed, h) for (spec, seed), h in zip(plan, runner.run(plan))]
+        trials = [Trial(spec.label, seed, h) for (spec, seed), h in zip(plan, runner.run(plan), strict=True)]
     task = "classification" if cfg.data.name == "mnist" else "regression"
-    comparison = build_comparison(specs, seeds=seed_list, epochs=cfg.train.epochs, task=task, trials=trials,
-                                  tuning=tuning, jobs=jobs,
-                                  epoch_seconds=sum(e.seconds for t in tune_trials + trials for e in t.history.epochs))
+    comparison = build_comparison(
+        specs,
+        seeds=seed_list,
+        epochs=cfg.train.epochs,
+        task=task,
+        trials=trials,
+        tuning=tuning,
+        jobs=jobs,
+        epoch_seconds=sum(e.seconds for t in tune_trials + trials for e in t.history.epochs),
+    )
     run_dir = create_run_dir(cfg.out_dir, cfg.name, prefix="compare-")
     comparison.run_dir = str(run_dir)
     comparison.wall_seconds = time.perf_counter() - started
@@ -215,25 +255,45 @@ def run_comparison(cfg: Config, spec_texts: list[str], *, seeds: int = 1, tune_l
     return comparison
 
 
-def make_runner(cfg: Config, *, device, jobs: int, threads: Optional[int],
-                callbacks: Optional[TrialCallbacks]) -> TrialRunner:
+def make_runner(
+    cfg: Config, *, device, jobs: int, threads: int | None, callbacks: TrialCallbacks | None
+) -> TrialRunner:
     if jobs > 1:
         return ProcessPoolRunner(cfg, jobs=jobs, threads=threads, callbacks=callbacks)
     return SerialRunner(cfg, load_data(cfg.data, device), callbacks)  # the data is loaded once for every trial
 
 
-def build_comparison(specs: list[OptimizerSpec], *, seeds: list[int], epochs: int, task: str, trials: list[Trial],
-                     tuning: Optional[dict] = None, jobs: int = 1, epoch_seconds: float = 0.0) -> Comparison:
+def build_comparison(
+    specs: list[OptimizerSpec],
+    *,
+    seeds: list[int],
+    epochs: int,
+    task: str,
+    trials: list[Trial],
+    tuning: dict | None = None,
+    jobs: int = 1,
+    epoch_seconds: float = 0.0,
+) -> Comparison:
     """Tables, verdicts and curves from the trials: the same whether they ran here or came from several machines."""
     verdicts = [v for key, name, lower in METRICS if (v := verdict(key, name, lower, specs, trials, seeds))]
-    return Comparison(specs, seeds, epochs, task, trials, aggregate(specs, trials), verdicts,
-                      curves(specs, trials, epochs), tuning, jobs=jobs, epoch_seconds=epoch_seconds)
+    return Comparison(
+        specs,
+        seeds,
+        epochs,
+        task,
+        trials,
+        aggregate(specs, trials),
+        verdicts,
+        curves(specs, trials, epochs),
+        tuning,
+        jobs=jobs,
+        epoch_seconds=epoch_seconds,
+    )
 
 
 def write_comparison(config_yaml: str, comparison: Comparison, run_dir) -> None:
     atomic_write_text(run_dir / "config.yaml", config_yaml + yaml_specs(comparison))
-    rows = [{"optimizer": t.label, "seed": t.seed, **vars(e)}
-            for t in comparison.trials for e in t.history.epochs]
+    rows = [{"optimizer": t.label, "seed": t.seed, **vars(e)} for t in comparison.trials for e in t.history.epochs]
     write_csv(run_dir / "metrics.csv", rows)
     write_json(run_dir / "summary.json", comparison.to_dict())
     from optcli.report.plots import save_loss_plot  # matplotlib is imported only when a comparison is written
@@ -244,5 +304,12 @@ def write_comparison(config_yaml: str, comparison: Comparison, run_dir) -> None:
 def yaml_specs(comparison: Comparison) -> str:
     import yaml
 
-    return yaml.safe_dump({"compare": {"optimizers": [{"label": s.label, "name": s.name, **s.kwargs} for s in comparison.specs],
-                                       "seeds": comparison.seeds}}, sort_keys=False)
+    return yaml.safe_dump(
+        {
+            "compare": {
+                "optimizers": [{"label": s.label, "name": s.name, **s.kwargs} for s in comparison.specs],
+                "seeds": comparison.seeds,
+            }
+        },
+        sort_keys=False,
+    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,7 +20,6 @@ from optcli.errors import UserError
 MAX_CONFIG_BYTES = 1_000_000  # a config is a few hundred bytes; anything this large is a mistake
 
 
-
 class YamlSafeLoader(yaml.SafeLoader):
     """yaml.SafeLoader that also reads 1e-3 as a float: PyYAML follows YAML 1.1, which wants 1.0e-3,
     and a learning rate silently read as the string '1e-3' is a trap. Constructs no Python objects."""
@@ -28,11 +27,14 @@ class YamlSafeLoader(yaml.SafeLoader):
 
 YamlSafeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
     |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
     |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
     |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""", re.X),
+    |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
     list("-+0123456789."),
 )
 
@@ -91,7 +93,7 @@ class OptimizerConfig(BaseModel):
     groups: list[ParamGroupConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _lr_positive(self) -> "OptimizerConfig":
+    def _lr_positive(self) -> OptimizerConfig:
         for where, kwargs in [("optimizer.lr", self.kwargs)] + [
             (f"optimizer.groups.{i}.lr", g.model_extra or {}) for i, g in enumerate(self.groups)
         ]:
@@ -120,7 +122,7 @@ class TrainConfig(Section):
     epochs: int = Field(500, gt=0)
     loss: Literal["cross_entropy", "mse"] = "mse"
     reduction: Literal["mean", "sum"] = "sum"
-    grad_clip: Optional[float] = Field(None, gt=0)  # max global gradient norm
+    grad_clip: float | None = Field(None, gt=0)  # max global gradient norm
     accumulate: int = Field(1, gt=0)  # optimizer step every k batches
     fused: bool = True  # use the optimizer's fused kernel when it has one and the user did not choose
     flush_denormal: bool = True  # flush subnormal floats to zero on CPU (Adam's exp_avg decays into them; slow on x86)
@@ -131,12 +133,12 @@ class TrainConfig(Section):
 class Config(Section):
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
-    name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # run directory name
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # run directory name
     out_dir: str = "runs"  # relative to the working directory; may not climb out of it
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=1e-4))
-    scheduler: Optional[SchedulerConfig] = None
+    scheduler: SchedulerConfig | None = None
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @field_validator("out_dir")
@@ -148,7 +150,7 @@ class Config(Section):
         return value
 
     @model_validator(mode="after")
-    def _loss_fits_task(self) -> "Config":
+    def _loss_fits_task(self) -> Config:
         if self.data.name == "regression" and self.train.loss == "cross_entropy":
             raise ValueError("train.loss: cross_entropy needs class labels; data.name=regression wants mse")
         if self.data.name == "mnist" and self.train.loss == "mse":
@@ -163,23 +165,31 @@ def optimizer_config(name: str, kwargs: dict[str, Any], source: str) -> Optimize
         raise UserError(_error_line(exc.errors()[0], source)) from None
 
 
-def _error_line(err: dict, source: str) -> str:
+def _error_line(err: Any, source: str) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         key = str(err["loc"][-1])
         model = _section_at(err["loc"][:-1])
-        elsewhere = [f"{name}.{key}" for name, f in Config.model_fields.items()
-                     if isinstance(f.annotation, type) and issubclass(f.annotation, Section) and key in f.annotation.model_fields]
+        elsewhere = [
+            f"{name}.{key}"
+            for name, f in Config.model_fields.items()
+            if isinstance(f.annotation, type) and issubclass(f.annotation, Section) and key in f.annotation.model_fields
+        ]
         hint = difflib.get_close_matches(key, list(model.model_fields), n=1) if model else []
         if elsewhere and len(err["loc"]) == 1:
             valid = f"it belongs under {elsewhere[0].split('.')[0]}: ({elsewhere[0]})"
         else:
-            valid = f"did you mean '{hint[0]}'?" if hint else f"valid keys: {', '.join(model.model_fields) if model else '?'}"
+            valid = (
+                f"did you mean '{hint[0]}'?"
+                if hint
+                else f"valid keys: {', '.join(model.model_fields) if model else '?'}"
+            )
         return f"{source}: {loc}: unknown key ({valid})"
     if err["type"] == "string_pattern_mismatch" and loc == "device":
         return f"{source}: device: must be auto, cpu, cuda, cuda:N or mps (got {err.get('input')!r})"
     if err["type"] == "string_pattern_mismatch" and loc == "name":
-        return f"{source}: name: must be a plain directory name of letters, digits, '.', '_' or '-' (got {err.get('input')!r})"
+        got = err.get("input")
+        return f"{source}: name: must be a plain directory name of letters, digits, '.', '_' or '-' (got {got!r})"
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "value_error" and isinstance(err.get("input"), dict):
         return f"{source}: {msg}"  # a cross-field check on a section: its message names the key itself
@@ -196,9 +206,10 @@ def _section_at(loc: tuple) -> type[BaseModel] | None:
             return None
         ann = field.annotation
         candidates = [ann, *getattr(ann, "__args__", ())]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if model is None:
+        found = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if found is None:
             return None
+        model = found
     return model
 
 

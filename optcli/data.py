@@ -6,9 +6,9 @@ so there is no per-sample Python work in the training loop.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Optional
 
 import torch
 
@@ -31,17 +31,22 @@ class Split:
 @dataclass
 class Data:
     train: Split
-    val: Optional[Split]
-    test: Optional[Split]
+    val: Split | None
+    test: Split | None
     task: str  # "classification" or "regression"
     in_features: int
     out_features: int
 
-    def to(self, device: torch.device) -> "Data":
-        return replace(self, **{name: _move(getattr(self, name), device) for name in ("train", "val", "test")})
+    def to(self, device: torch.device) -> Data:
+        return replace(
+            self,
+            train=Split(self.train.x.to(device), self.train.y.to(device)),
+            val=_move(self.val, device),
+            test=_move(self.test, device),
+        )
 
 
-def _move(split: Optional[Split], device: torch.device) -> Optional[Split]:
+def _move(split: Split | None, device: torch.device) -> Split | None:
     return Split(split.x.to(device), split.y.to(device)) if split is not None else None
 
 
@@ -54,13 +59,15 @@ def load_data(cfg: DataConfig, device: torch.device) -> Data:
         task, n_in, n_out = "classification", 28 * 28, 10
     else:
         g = torch.Generator().manual_seed(seed)
-        train = Split(torch.randn(cfg.samples, cfg.inputs, generator=g), torch.randn(cfg.samples, cfg.outputs, generator=g))
+        train = Split(
+            torch.randn(cfg.samples, cfg.inputs, generator=g), torch.randn(cfg.samples, cfg.outputs, generator=g)
+        )
         test, task, n_in, n_out = None, "regression", cfg.inputs, cfg.outputs
     train, val = split_validation(train, cfg.val_fraction, seed)
     return Data(train, val, test, task, n_in, n_out).to(device)
 
 
-def split_validation(split: Split, fraction: float, seed: int) -> tuple[Split, Optional[Split]]:
+def split_validation(split: Split, fraction: float, seed: int) -> tuple[Split, Split | None]:
     n_val = int(round(len(split) * fraction))
     if n_val == 0:
         return split, None
@@ -85,15 +92,20 @@ def _load_mnist(cfg: DataConfig) -> tuple[Split, Split]:
             if missing and not cfg.download:
                 raise UserError(
                     f"data: MNIST not found in {raw} (missing {', '.join(missing)}); set data.download=true "
-                    f"to fetch it, or data.root to a folder holding MNIST/raw/") from None
+                    f"to fetch it, or data.root to a folder holding MNIST/raw/"
+                ) from None
             if missing:
-                raise UserError(f"data: could not download MNIST into {raw} ({detail}); put the four IDX files "
-                                f"there by hand and set data.download=false") from None
+                raise UserError(
+                    f"data: could not download MNIST into {raw} ({detail}); put the four IDX files "
+                    f"there by hand and set data.download=false"
+                ) from None
             raise UserError(f"data: the MNIST files in {raw} are corrupt or truncated ({detail})") from None
         images, labels = ds.data, ds.targets
         which = "train" if train else "t10k"
         if images.dim() != 3 or images.shape[1:] != (28, 28) or images.dtype != torch.uint8:
-            raise UserError(f"data: {raw}/{which}-images-idx3-ubyte is not 28x28 uint8 images (shape {tuple(images.shape)})")
+            raise UserError(
+                f"data: {raw}/{which}-images-idx3-ubyte is not 28x28 uint8 images (shape {tuple(images.shape)})"
+            )
         if labels.shape != (images.shape[0],) or labels.min() < 0 or labels.max() > 9:
             raise UserError(f"data: {raw}/{which}-labels-idx1-ubyte does not hold one digit 0-9 per image")
         x = images.reshape(len(images), -1).float().div_(255).sub_(MNIST_MEAN).div_(MNIST_STD)

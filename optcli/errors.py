@@ -17,5 +17,7 @@ class RunInterrupted(Exception):
     exit_code = 130
 
     def __init__(self, run_dir: str):
-        super().__init__(f"interrupted; the last completed epoch is saved in {run_dir} (resume with --resume {run_dir})")
+        super().__init__(
+            f"interrupted; the last completed epoch is saved in {run_dir} (resume with --resume {run_dir})"
+        )
         self.run_dir = run_dir

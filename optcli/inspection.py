@@ -5,7 +5,7 @@ still holds the model's own parameters, and what one backward() and step() do.""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,7 +15,14 @@ from optcli.config import Config, optimizer_config, validate
 from optcli.data import epoch_permutation, load_data, task_shape
 from optcli.errors import UserError
 from optcli.model import build_model, resolve_device
-from optcli.optim import build_optimizer, check_optimizer, needs_closure, parse_spec, resolve_optimizer
+from optcli.optim import (
+    build_optimizer,
+    check_optimizer,
+    needs_closure,
+    parse_spec,
+    resolve_optimizer,
+    step_with_closure,
+)
 from optcli.runs import load_checkpoint
 from optcli.train import make_loss
 
@@ -33,7 +40,7 @@ class Inspection:
     optimizer_state: list[dict]
     linkage: dict
     modes: dict
-    step: Optional[dict] = None
+    step: dict | None = None
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -42,14 +49,28 @@ class Inspection:
 
 def tensor_stats(t: torch.Tensor) -> dict[str, float]:
     t = t.detach().float()
-    return {"mean": t.mean().item(), "std": t.std().item() if t.numel() > 1 else 0.0,
-            "min": t.min().item(), "max": t.max().item(), "norm": t.norm().item()}
+    return {
+        "mean": t.mean().item(),
+        "std": t.std().item() if t.numel() > 1 else 0.0,
+        "min": t.min().item(),
+        "max": t.max().item(),
+        "norm": t.norm().item(),
+    }
 
 
 def describe_params(model: nn.Module) -> tuple[list[dict], dict]:
-    rows = [{"name": n, "shape": list(p.shape), "numel": p.numel(), "dtype": str(p.dtype).removeprefix("torch."),
-             "device": str(p.device), "requires_grad": p.requires_grad, **tensor_stats(p)}
-            for n, p in model.named_parameters()]
+    rows: list[dict[str, Any]] = [
+        {
+            "name": n,
+            "shape": list(p.shape),
+            "numel": p.numel(),
+            "dtype": str(p.dtype).removeprefix("torch."),
+            "device": str(p.device),
+            "requires_grad": p.requires_grad,
+            **tensor_stats(p),
+        }
+        for n, p in model.named_parameters()
+    ]
     trainable = sum(r["numel"] for r in rows if r["requires_grad"])
     frozen = sum(r["numel"] for r in rows if not r["requires_grad"])
     return rows, {"trainable": trainable, "frozen": frozen, "total": trainable + frozen}
@@ -58,8 +79,15 @@ def describe_params(model: nn.Module) -> tuple[list[dict], dict]:
 def describe_state_dict(model: nn.Module) -> list[dict]:
     params = {n for n, _ in model.named_parameters()}
     buffers = {n for n, _ in model.named_buffers()}
-    return [{"key": k, "kind": "parameter" if k in params else "buffer" if k in buffers else "other",
-             "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in model.state_dict().items()]
+    return [
+        {
+            "key": k,
+            "kind": "parameter" if k in params else "buffer" if k in buffers else "other",
+            "shape": list(v.shape),
+            "dtype": str(v.dtype).removeprefix("torch."),
+        }
+        for k, v in model.state_dict().items()
+    ]
 
 
 def param_names_by_id(model: nn.Module) -> dict[int, str]:
@@ -70,10 +98,15 @@ def describe_groups(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[
     names = param_names_by_id(model)
     groups = []
     for i, g in enumerate(optimizer.param_groups):
-        hyper = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in g.items() if k not in ("params", "param_names")}
+        hyper = {
+            k: (float(v) if isinstance(v, torch.Tensor) else v)
+            for k, v in g.items()
+            if k not in ("params", "param_names")
+        }
         held = [names.get(id(p), f"<not in model: {tuple(p.shape)}>") for p in g["params"]]
-        groups.append({"index": i, "hyperparameters": hyper, "params": held,
-                       "numel": sum(p.numel() for p in g["params"])})
+        groups.append(
+            {"index": i, "hyperparameters": hyper, "params": held, "numel": sum(p.numel() for p in g["params"])}
+        )
     return groups
 
 
@@ -86,7 +119,11 @@ def describe_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module)
             if isinstance(value, torch.Tensor) and value.numel() > 1:
                 row.update(shape=list(value.shape), norm=value.float().norm().item(), value=None)
             else:
-                row.update(shape=[], norm=None, value=float(value) if isinstance(value, (torch.Tensor, int, float)) else str(value))
+                row.update(
+                    shape=[],
+                    norm=None,
+                    value=float(value) if isinstance(value, (torch.Tensor, int, float)) else str(value),
+                )
             rows.append(row)
     return rows
 
@@ -96,27 +133,48 @@ def check_linkage(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     new nn.Parameter after the optimizer was built leaves it stepping a tensor the model no longer uses."""
     in_model = param_names_by_id(model)
     held = {id(p): p for g in optimizer.param_groups for p in g["params"]}
-    group_names = {id(p): n for g in optimizer.param_groups for p, n in zip(g["params"], g.get("param_names", []))}
+    group_names = {
+        id(p): n for g in optimizer.param_groups for p, n in zip(g["params"], g.get("param_names", []), strict=False)
+    }
     missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
     stale = [group_names.get(i, f"tensor of shape {tuple(p.shape)}") for i, p in held.items() if i not in in_model]
     frozen_held = [n for n, p in model.named_parameters() if not p.requires_grad and id(p) in held]
     ok = not missing and not stale
     problems = []
     if missing:
-        problems.append(f"trainable parameters the optimizer does not hold (they will never be updated): {', '.join(missing)}")
+        problems.append(
+            f"trainable parameters the optimizer does not hold (they will never be updated): {', '.join(missing)}"
+        )
     if stale:
-        problems.append(f"tensors the optimizer holds that the model no longer has (replaced after the optimizer "
-                        f"was built?): {', '.join(stale)}")
-    return {"ok": ok, "missing": missing, "stale": stale, "frozen_held": frozen_held,
-            "held": len(held), "trainable": sum(1 for p in model.parameters() if p.requires_grad), "problems": problems}
+        problems.append(
+            f"tensors the optimizer holds that the model no longer has (replaced after the optimizer "
+            f"was built?): {', '.join(stale)}"
+        )
+    return {
+        "ok": ok,
+        "missing": missing,
+        "stale": stale,
+        "frozen_held": frozen_held,
+        "held": len(held),
+        "trainable": sum(1 for p in model.parameters() if p.requires_grad),
+        "problems": problems,
+    }
 
 
 def describe_modes(model: nn.Module) -> dict:
-    modules = [{"name": n, "type": type(m).__name__, "training": m.training,
-                "train": "random zeroing, scaled by 1/(1-p)" if isinstance(m, nn.modules.dropout._DropoutNd)
-                else "normalizes with batch statistics, updates running_mean/var",
-                "eval": "identity" if isinstance(m, nn.modules.dropout._DropoutNd) else "normalizes with running_mean/var"}
-               for n, m in model.named_modules() if isinstance(m, MODE_DEPENDENT)]
+    modules = [
+        {
+            "name": n,
+            "type": type(m).__name__,
+            "training": m.training,
+            "train": "random zeroing, scaled by 1/(1-p)"
+            if isinstance(m, nn.modules.dropout._DropoutNd)
+            else "normalizes with batch statistics, updates running_mean/var",
+            "eval": "identity" if isinstance(m, nn.modules.dropout._DropoutNd) else "normalizes with running_mean/var",
+        }
+        for n, m in model.named_modules()
+        if isinstance(m, MODE_DEPENDENT)
+    ]
     return {"training": model.training, "modules": modules}
 
 
@@ -139,14 +197,28 @@ def one_step(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, de
     loss = forward_backward()
     grads = {n: None if p.grad is None else p.grad.detach().clone() for n, p in params}
     before = {n: p.detach().clone() for n, p in params}
-    optimizer.step((lambda: (optimizer.zero_grad(), forward_backward())[1]) if needs_closure(optimizer) else None)
+    if needs_closure(optimizer):
+        step_with_closure(optimizer, lambda: (optimizer.zero_grad(), forward_backward())[1])
+    else:
+        optimizer.step()
     rows = []
     for n, p in params:
         update = p.detach() - before[n]
-        rows.append({"name": n, "requires_grad": p.requires_grad,
-                     "grad_norm": None if grads[n] is None else grads[n].norm().item(),
-                     "update_norm": update.norm().item(), "changed": bool(update.abs().max() > 0)})
-    out: dict[str, Any] = {"loss": loss.item(), "batch_size": len(x), "params": rows, "sgd_rule": sgd_rule_check(optimizer, model, before, grads)}
+        rows.append(
+            {
+                "name": n,
+                "requires_grad": p.requires_grad,
+                "grad_norm": None if (g := grads[n]) is None else g.norm().item(),
+                "update_norm": update.norm().item(),
+                "changed": bool(update.abs().max() > 0),
+            }
+        )
+    out: dict[str, Any] = {
+        "loss": loss.item(),
+        "batch_size": len(x),
+        "params": rows,
+        "sgd_rule": sgd_rule_check(optimizer, model, before, grads),
+    }
     # A second backward() without zero_grad() adds to .grad instead of replacing it.
     optimizer.zero_grad(set_to_none=True)
     forward_backward()
@@ -154,8 +226,12 @@ def one_step(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, de
     forward_backward()
     errors = [(p.grad - 2 * first[n]).abs().max().item() for n, p in params if p.grad is not None]
     ratio = [(p.grad.norm() / first[n].norm()).item() for n, p in params if p.grad is not None and first[n].norm() > 0]
-    out["accumulation"] = {"grad_norm_ratio_min": min(ratio), "grad_norm_ratio_max": max(ratio),
-                           "max_abs_error_vs_2x": max(errors), "doubled": max(errors) <= 1e-5 * max(1.0, max(first[n].abs().max().item() for n in first))}
+    out["accumulation"] = {
+        "grad_norm_ratio_min": min(ratio),
+        "grad_norm_ratio_max": max(ratio),
+        "max_abs_error_vs_2x": max(errors),
+        "doubled": max(errors) <= 1e-5 * max(1.0, max(first[n].abs().max().item() for n in first)),
+    }
     optimizer.zero_grad(set_to_none=True)
     return out
 
@@ -178,23 +254,34 @@ def sgd_rule_check(optimizer: torch.optim.Optimizer, model: nn.Module, before: d
     return {"applies": True, "max_abs_error": worst, "holds": worst <= 1e-6}
 
 
-def inspect_params(cfg: Config, *, checkpoint: Optional[str] = None, optimizer_spec: Optional[str] = None,
-                   step: bool = False) -> Inspection:
+def inspect_params(
+    cfg: Config, *, checkpoint: str | None = None, optimizer_spec: str | None = None, step: bool = False
+) -> Inspection:
     ckpt = None
     if checkpoint is not None:
         ckpt = load_checkpoint(checkpoint)
         cfg = validate(ckpt["config"], f"{checkpoint} (its config)")
     if optimizer_spec is not None:
         name, kwargs = parse_spec(optimizer_spec)
-        cfg = cfg.model_copy(update={"optimizer": optimizer_config(resolve_optimizer(name).__name__, kwargs, f"--optimizer {optimizer_spec}")})
+        cfg = cfg.model_copy(
+            update={
+                "optimizer": optimizer_config(resolve_optimizer(name).__name__, kwargs, f"--optimizer {optimizer_spec}")
+            }
+        )
     check_optimizer(cfg.optimizer)
     device = resolve_device(cfg.device)
     with torch_settings(cfg):
         return _inspect(cfg, device, checkpoint, ckpt, optimizer_spec is not None, step)
 
 
-def _inspect(cfg: Config, device: torch.device, checkpoint: Optional[str], ckpt: Optional[dict],
-             other_optimizer: bool, step: bool) -> Inspection:
+def _inspect(
+    cfg: Config,
+    device: torch.device,
+    checkpoint: str | None,
+    ckpt: dict | None,
+    other_optimizer: bool,
+    step: bool,
+) -> Inspection:
     source = f"checkpoint {checkpoint}" if checkpoint is not None else "config"
     seed_torch(cfg.seed)
     model = build_model(cfg.model, *task_shape(cfg.data)).to(device)
@@ -204,7 +291,9 @@ def _inspect(cfg: Config, device: torch.device, checkpoint: Optional[str], ckpt:
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as exc:
-            raise UserError(f"{checkpoint}: the weights do not fit the model of its config ({str(exc).splitlines()[0]})") from None
+            raise UserError(
+                f"{checkpoint}: the weights do not fit the model of its config ({str(exc).splitlines()[0]})"
+            ) from None
         if not other_optimizer:
             try:
                 optimizer.load_state_dict(ckpt["optimizer"])
@@ -213,9 +302,18 @@ def _inspect(cfg: Config, device: torch.device, checkpoint: Optional[str], ckpt:
         else:
             notes.append("--optimizer given: the checkpoint's optimizer state is not loaded")
     params, totals = describe_params(model)
-    result = Inspection(source, type(optimizer).__name__, params, totals, describe_state_dict(model),
-                        describe_groups(optimizer, model), describe_optimizer_state(optimizer, model),
-                        check_linkage(model, optimizer), describe_modes(model), notes=notes)
+    result = Inspection(
+        source,
+        type(optimizer).__name__,
+        params,
+        totals,
+        describe_state_dict(model),
+        describe_groups(optimizer, model),
+        describe_optimizer_state(optimizer, model),
+        check_linkage(model, optimizer),
+        describe_modes(model),
+        notes=notes,
+    )
     if step:
         result.step = one_step(cfg, model, optimizer, device)
         result.optimizer_state = describe_optimizer_state(optimizer, model)

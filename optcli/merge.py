@@ -35,7 +35,9 @@ def _read(run_dir: Path) -> tuple[dict, dict]:
 def _config_of(run_dir: Path) -> dict:
     """The resolved config a comparison ran with, without its own bookkeeping (specs, seeds, sources)."""
     config = read_yaml(Path(run_dir) / "config.yaml") if (Path(run_dir) / "config.yaml").is_file() else {}
-    return {k: v for k, v in (config if isinstance(config, dict) else {}).items() if k not in ("compare", "merged_from")}
+    return {
+        k: v for k, v in (config if isinstance(config, dict) else {}).items() if k not in ("compare", "merged_from")
+    }
 
 
 def merge_comparisons(run_dirs: list[str], *, out_dir: str = "runs", name: str | None = None) -> Comparison:
@@ -47,11 +49,11 @@ def merge_comparisons(run_dirs: list[str], *, out_dir: str = "runs", name: str |
     specs = [OptimizerSpec(s["label"], s["name"], s["kwargs"]) for s in first["specs"]]
     trials: list[Trial] = []
     seen: dict[tuple[str, int], str] = {}
-    for run_dir, (summary, _) in zip(run_dirs, summaries):
+    for run_dir, (summary, _) in zip(run_dirs, summaries, strict=True):
         for key in ("specs", "epochs", "task"):
             if summary[key] != first[key]:
                 raise UserError(f"merge: {run_dir} differs from {run_dirs[0]} in {key}; only like comparisons merge")
-        other = {k: v for k, v in _config_of(run_dir).items() if k not in ("seed", "name")}
+        other = {k: v for k, v in _config_of(Path(run_dir)).items() if k not in ("seed", "name")}
         if other != {k: v for k, v in config.items() if k not in ("seed", "name")}:
             diff = sorted(k for k in set(other) | set(config) if other.get(k) != config.get(k))
             raise UserError(f"merge: {run_dir} was run with another config than {run_dirs[0]} ({', '.join(diff)})")
@@ -60,17 +62,27 @@ def merge_comparisons(run_dirs: list[str], *, out_dir: str = "runs", name: str |
             if pair in seen:
                 raise UserError(f"merge: {t['label']} seed {t['seed']} is in both {seen[pair]} and {run_dir}")
             seen[pair] = run_dir
-            history = History.from_dict({k: t[k] for k in ("epochs", "status", "diverged_at", "test_loss", "test_accuracy")})
+            history = History.from_dict(
+                {k: t[k] for k in ("epochs", "status", "diverged_at", "test_loss", "test_accuracy")}
+            )
             trials.append(Trial(t["label"], t["seed"], history))
     seeds = sorted({t.seed for t in trials})
     for spec in specs:
         have = {t.seed for t in trials if t.label == spec.label}
         if have != set(seeds):
-            raise UserError(f"merge: {spec.label} lacks seed(s) {sorted(set(seeds) - have)}; every optimizer needs every seed")
-    comparison = build_comparison(specs, seeds=seeds, epochs=first["epochs"], task=first["task"], trials=trials,
-                                  epoch_seconds=sum(e.seconds for t in trials for e in t.history.epochs))
-    run_dir = create_run_dir(out_dir, name, prefix="compare-merged-")
-    comparison.run_dir = str(run_dir)
+            raise UserError(
+                f"merge: {spec.label} lacks seed(s) {sorted(set(seeds) - have)}; every optimizer needs every seed"
+            )
+    comparison = build_comparison(
+        specs,
+        seeds=seeds,
+        epochs=first["epochs"],
+        task=first["task"],
+        trials=trials,
+        epoch_seconds=sum(e.seconds for t in trials for e in t.history.epochs),
+    )
+    out = create_run_dir(out_dir, name, prefix="compare-merged-")
+    comparison.run_dir = str(out)
     config_yaml = yaml.safe_dump({**config, "merged_from": [str(d) for d in run_dirs]}, sort_keys=False)
-    write_comparison(config_yaml, comparison, run_dir)
+    write_comparison(config_yaml, comparison, out)
     return comparison

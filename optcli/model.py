@@ -5,6 +5,8 @@ from __future__ import annotations
 import fnmatch
 import inspect
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,8 +15,13 @@ from optcli.config import ModelConfig
 from optcli.errors import UserError
 
 ACTIVATION_CLASSES = {
-    "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
-    "leaky_relu": nn.LeakyReLU, "elu": nn.ELU, "silu": nn.SiLU,
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "leaky_relu": nn.LeakyReLU,
+    "elu": nn.ELU,
+    "silu": nn.SiLU,
 }
 
 
@@ -40,8 +47,15 @@ class Dropout(nn.Dropout):
 class MLP(nn.Sequential):
     """Named layers so parameter names read well: fc1.weight, bn1.running_mean, out.bias."""
 
-    def __init__(self, in_features: int, hidden: list[int], out_features: int,
-                 activation: str = "relu", dropout: float = 0.0, batch_norm: bool = False):
+    def __init__(
+        self,
+        in_features: int,
+        hidden: list[int],
+        out_features: int,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+    ):
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         width = in_features
         for i, h in enumerate(hidden, start=1):
@@ -56,7 +70,7 @@ class MLP(nn.Sequential):
         super().__init__(layers)
 
 
-def init_schemes() -> dict[str, object]:
+def init_schemes() -> dict[str, Callable[..., Any]]:
     """torch.nn.init functions that can fill a weight matrix with nothing but the tensor: xavier_uniform, ..."""
     schemes = {}
     for name, fn in vars(nn.init).items():
@@ -66,8 +80,13 @@ def init_schemes() -> dict[str, object]:
             params = list(inspect.signature(fn).parameters.values())
         except (TypeError, ValueError):
             continue
-        if params and params[0].name == "tensor" and all(
-            p.default is not inspect.Parameter.empty or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params[1:]
+        if (
+            params
+            and params[0].name == "tensor"
+            and all(
+                p.default is not inspect.Parameter.empty or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+                for p in params[1:]
+            )
         ):
             schemes[name.rstrip("_")] = fn
     return schemes
@@ -75,7 +94,9 @@ def init_schemes() -> dict[str, object]:
 
 def check_model_config(cfg: ModelConfig) -> None:
     if cfg.init != "default" and cfg.init not in init_schemes():
-        raise UserError(f"model.init: unknown scheme '{cfg.init}' (valid: default, {', '.join(sorted(init_schemes()))})")
+        raise UserError(
+            f"model.init: unknown scheme '{cfg.init}' (valid: default, {', '.join(sorted(init_schemes()))})"
+        )
 
 
 def build_model(cfg: ModelConfig, in_features: int, out_features: int) -> MLP:
@@ -112,7 +133,9 @@ def resolve_device(name: str) -> torch.device:
         if not torch.cuda.is_available():
             raise UserError(f"device: '{name}' asked for, but CUDA is not available on this machine (use cpu or auto)")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"device: '{name}' asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise UserError(
+                f"device: '{name}' asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"device: '{name}' asked for, but MPS is not available on this machine (use cpu or auto)")
     return device

@@ -8,7 +8,8 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import yaml
@@ -22,7 +23,8 @@ EPOCH_LENGTH_KWARGS = ("T_max", "total_steps")  # filled with train.epochs when 
 
 def optimizer_classes() -> dict[str, type[torch.optim.Optimizer]]:
     return {
-        name.lower(): cls for name, cls in vars(torch.optim).items()
+        name.lower(): cls
+        for name, cls in vars(torch.optim).items()
         if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer
     }
 
@@ -31,8 +33,12 @@ def scheduler_classes() -> dict[str, type]:
     sched = torch.optim.lr_scheduler
     bases = (sched.LRScheduler, sched.ReduceLROnPlateau)
     return {
-        name.lower(): cls for name, cls in vars(sched).items()
-        if isinstance(cls, type) and issubclass(cls, bases) and not name.startswith("_") and cls is not sched.LRScheduler
+        name.lower(): cls
+        for name, cls in vars(sched).items()
+        if isinstance(cls, type)
+        and issubclass(cls, bases)
+        and not name.startswith("_")
+        and cls is not sched.LRScheduler
     }
 
 
@@ -51,7 +57,8 @@ def resolve_optimizer(name: str) -> type[torch.optim.Optimizer]:
 def signature_defaults(cls: type, skip: tuple[str, ...] = ("self", "params", "optimizer")) -> dict[str, Any]:
     """Keyword arguments of a constructor with their defaults (inspect.Parameter.empty where required)."""
     return {
-        p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()
+        p.name: p.default
+        for p in inspect.signature(cls).parameters.values()
         if p.name not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     }
 
@@ -65,11 +72,17 @@ def check_kwargs(where: str, cls: type, kwargs: dict[str, Any]) -> dict[str, Any
     return {k: tuple(v) if isinstance(v, list) and isinstance(defaults[k], tuple) else v for k, v in kwargs.items()}
 
 
-def needs_closure(optimizer: torch.optim.Optimizer | type) -> bool:
+def needs_closure(optimizer: torch.optim.Optimizer | type[torch.optim.Optimizer]) -> bool:
     """LBFGS-style optimizers re-evaluate the loss and must get a closure in step()."""
     cls = optimizer if isinstance(optimizer, type) else type(optimizer)
     closure = inspect.signature(cls.step).parameters.get("closure")
     return closure is not None and closure.default is inspect.Parameter.empty
+
+
+def step_with_closure(optimizer: torch.optim.Optimizer, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """optimizer.step(closure) for the optimizers that re-evaluate the loss. torch types the closure as returning a
+    float, but step() hands back whatever the closure returned: here the loss tensor."""
+    return cast(torch.Tensor, optimizer.step(cast(Callable[[], float], closure)))
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -126,7 +139,9 @@ def check_optimizer(cfg: OptimizerConfig) -> None:
         raise UserError(f"optimizer: {cls.__name__}({_fmt(kwargs)}) cannot train this model: {exc}") from None
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device, fused: bool = True) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimizerConfig, device: torch.device, fused: bool = True
+) -> torch.optim.Optimizer:
     """The optimizer over the model's trainable parameters; `groups` entries claim parameters by glob, in order,
     with their own overrides; the rest form the first group with the top-level settings."""
     cls = resolve_optimizer(cfg.name)
@@ -148,7 +163,7 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device
         raise UserError("model.freeze: every parameter is frozen; there is nothing to optimize")
     if fused and _use_fused(cls, kwargs, device):
         try:
-            return cls(groups, **kwargs, fused=True)
+            return cls(groups, **{**kwargs, "fused": True})
         except (RuntimeError, ValueError):
             pass  # a combination the fused kernel does not support (e.g. differentiable): fall back
     try:

@@ -5,22 +5,31 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
+from optcli import distributed
 from optcli.build import build_model_and_optimizer, torch_settings
 from optcli.config import Config, load_config, to_yaml
 from optcli.data import load_data
-from optcli.errors import RunInterrupted, UserError
-from optcli import distributed
 from optcli.distributed import SINGLE, Dist
+from optcli.errors import RunInterrupted, UserError
 from optcli.model import check_model_config, resolve_device
 from optcli.optim import check_optimizer, check_scheduler, needs_closure, resolve_optimizer
-from optcli.runs import (atomic_write_text, create_run_dir, deferred_sigint, load_checkpoint, remove_stale_temp_files,
-                         save_checkpoint, write_csv, write_json, write_jsonl)
+from optcli.runs import (
+    atomic_write_text,
+    create_run_dir,
+    deferred_sigint,
+    load_checkpoint,
+    remove_stale_temp_files,
+    save_checkpoint,
+    write_csv,
+    write_json,
+    write_jsonl,
+)
 from optcli.train import History, fit
 
 CHECKPOINT_INTERVAL_S = 1.0  # last.pt is rewritten at most this often (and always after the final epoch)
@@ -28,7 +37,7 @@ CHECKPOINT_INTERVAL_S = 1.0  # last.pt is rewritten at most this often (and alwa
 
 @dataclass
 class TrainResult:
-    run_dir: Optional[Path]  # None on the ranks of a torchrun job other than 0, which write nothing
+    run_dir: Path | None  # None on the ranks of a torchrun job other than 0, which write nothing
     history: History
     summary: dict
     start_epoch: int  # 1, or the epoch a resumed run continued from
@@ -42,23 +51,31 @@ def preflight(cfg: Config, dist: Dist = SINGLE) -> torch.device:
     check_scheduler(cfg.scheduler, cfg.train.epochs)
     if dist.enabled:
         if cfg.data.batch_size % dist.world:
-            raise UserError(f"data.batch_size: {cfg.data.batch_size} is not divisible by the torchrun world size "
-                            f"{dist.world}; each rank takes an equal shard of every batch")
+            raise UserError(
+                f"data.batch_size: {cfg.data.batch_size} is not divisible by the torchrun world size "
+                f"{dist.world}; each rank takes an equal shard of every batch"
+            )
         if needs_closure(resolve_optimizer(cfg.optimizer.name)):
-            raise UserError(f"optimizer: {cfg.optimizer.name} re-evaluates the loss in step() and is not supported "
-                            f"under torchrun; run it in one process")
+            raise UserError(
+                f"optimizer: {cfg.optimizer.name} re-evaluates the loss in step() and is not supported "
+                f"under torchrun; run it in one process"
+            )
     return resolve_device(cfg.device)
 
 
 def training_state(model, optimizer, scheduler) -> dict:
     """Everything a resumed run needs besides its history, copied so that training can go on meanwhile."""
-    return copy.deepcopy({
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-    })
+    return copy.deepcopy(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        }
+    )
 
 
 def summarize(cfg: Config, history: History, *, device: torch.device, seconds: float, world: int = 1) -> dict:
@@ -91,7 +108,7 @@ class RunWriter:
 
     def __init__(self, run_dir: Path, cfg: Config, device: torch.device, world: int = 1):
         self.run_dir, self.cfg, self.device, self.world = run_dir, cfg, device, world
-        self.state: Optional[dict] = None
+        self.state: dict | None = None
         self.history = History()
         self.last_write = 0.0
         self.started = time.perf_counter()
@@ -102,7 +119,7 @@ class RunWriter:
         if force or time.monotonic() - self.last_write >= CHECKPOINT_INTERVAL_S:
             self.flush()
 
-    def flush(self, status: Optional[str] = None, history: Optional[History] = None) -> None:
+    def flush(self, status: str | None = None, history: History | None = None) -> None:
         history = history or self.history
         if status is not None:
             history.status = status
@@ -117,31 +134,41 @@ class RunWriter:
         rows = [vars(e) for e in history.epochs]
         write_csv(self.run_dir / "metrics.csv", rows)
         write_jsonl(self.run_dir / "metrics.jsonl", rows)
-        write_json(self.run_dir / "summary.json",
-                   summarize(self.cfg, history, device=self.device, seconds=time.perf_counter() - self.started,
-                             world=self.world))
+        write_json(
+            self.run_dir / "summary.json",
+            summarize(
+                self.cfg, history, device=self.device, seconds=time.perf_counter() - self.started, world=self.world
+            ),
+        )
 
 
-def train_run(cfg: Config, *, resume: Optional[str] = None, on_start: Optional[Callable] = None,
-              on_epoch: Optional[Callable[[History], None]] = None,
-              on_batch: Optional[Callable[[int, int, int], None]] = None) -> TrainResult:
+def train_run(
+    cfg: Config,
+    *,
+    resume: str | None = None,
+    on_start: Callable | None = None,
+    on_epoch: Callable[[History], None] | None = None,
+    on_batch: Callable[[int, int, int], None] | None = None,
+) -> TrainResult:
     """One training run; under torchrun, one rank of a DistributedDataParallel job (only rank 0 writes and reports)."""
     dist = distributed.from_env()
     device = distributed.init(dist, preflight(cfg, dist))
     try:
         with torch_settings(cfg):
-            return _train(cfg, dist=dist, device=device, resume=resume, on_start=on_start, on_epoch=on_epoch,
-                          on_batch=on_batch)
+            return _train(
+                cfg, dist=dist, device=device, resume=resume, on_start=on_start, on_epoch=on_epoch, on_batch=on_batch
+            )
     finally:
         distributed.shutdown(dist)
 
 
-def _train(cfg: Config, *, dist: Dist, device: torch.device, resume: Optional[str], on_start, on_epoch,
-           on_batch) -> TrainResult:
+def _train(
+    cfg: Config, *, dist: Dist, device: torch.device, resume: str | None, on_start, on_epoch, on_batch
+) -> TrainResult:
     checkpoint = load_checkpoint(Path(resume) / "last.pt") if resume else None
     data = load_data(cfg.data, device)
     model, optimizer, scheduler = build_model_and_optimizer(cfg, data, device)
-    history = _restore(checkpoint, model, optimizer, scheduler, resume) if checkpoint is not None else History()
+    history = _restore(checkpoint, model, optimizer, scheduler, str(resume)) if checkpoint is not None else History()
     train_model = model
     if dist.enabled:  # the checkpoint keeps the unwrapped model, so DDP and single-process runs resume each other
         from torch.nn.parallel import DistributedDataParallel
@@ -166,14 +193,26 @@ def _train(cfg: Config, *, dist: Dist, device: torch.device, resume: Optional[st
 
     def epoch_done(h: History) -> None:
         if writer is not None:
-            writer.epoch_done(h, model, optimizer, scheduler, force=h.status == "diverged" or len(h.epochs) == cfg.train.epochs)
+            writer.epoch_done(
+                h, model, optimizer, scheduler, force=h.status == "diverged" or len(h.epochs) == cfg.train.epochs
+            )
         if on_epoch is not None:
             on_epoch(h)
 
     started = time.perf_counter()
     try:
-        history = fit(cfg, model, optimizer, scheduler, data, history=history, on_epoch=epoch_done, on_batch=on_batch,
-                      train_model=train_model, dist=dist)
+        history = fit(
+            cfg,
+            model,
+            optimizer,
+            scheduler,
+            data,
+            history=history,
+            on_epoch=epoch_done,
+            on_batch=on_batch,
+            train_model=train_model,
+            dist=dist,
+        )
     except KeyboardInterrupt:
         if writer is None:
             raise
@@ -196,7 +235,9 @@ def _restore(checkpoint: dict, model, optimizer, scheduler, resume: str) -> Hist
             torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
         history = History.from_dict(checkpoint["history"])
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-        raise UserError(f"{resume}: the checkpoint does not fit this config ({str(exc).splitlines()[0][:200]})") from None
+        raise UserError(
+            f"{resume}: the checkpoint does not fit this config ({str(exc).splitlines()[0][:200]})"
+        ) from None
     history.status = "running"
     return history
 

@@ -11,9 +11,10 @@ import pickle
 import signal
 import tempfile
 import threading
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from optcli.errors import UserError
 
@@ -114,7 +115,9 @@ def load_checkpoint(path: str | Path) -> dict:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling failed"
         raise UserError(f"{path}: refused: not a plain checkpoint of tensors ({first[:200]})") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as exc:
-        raise UserError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
+        raise UserError(
+            f"{path}: not a readable checkpoint ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})"
+        ) from None
     if not isinstance(obj, dict) or "model" not in obj or "config" not in obj:
         raise UserError(f"{path}: not an optcli checkpoint (expected a dict with 'model' and 'config')")
     return obj

@@ -15,8 +15,9 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def paired_verdict(per_label: dict[str, dict[int, float]], *, seeds: list[int], metric: str, name: str,
-                   lower_better: bool) -> dict | None:
+def paired_verdict(
+    per_label: dict[str, dict[int, float]], *, seeds: list[int], metric: str, name: str, lower_better: bool
+) -> dict | None:
     """The best label on one metric (values per label and seed), and whether its lead over the runner-up beats
     the seed-to-seed spread: a paired t-test over seeds, two-sided, with a confidence interval of the lead."""
     from scipy import special  # Student's t distribution; scipy.stats would cost a second more to import
@@ -28,12 +29,23 @@ def paired_verdict(per_label: dict[str, dict[int, float]], *, seeds: list[int], 
     ranked = sorted(full, key=lambda label: sign * statistics.fmean(full[label].values()))
     best, runner = ranked[0], ranked[1]
     diffs = [sign * (full[runner][s] - full[best][s]) for s in seeds]  # > 0 where the best was better on that seed
-    out: dict = {"metric": metric, "name": name, "best": best, "runner_up": runner, "lead": statistics.fmean(diffs),
-                 "seeds": len(seeds), "test": "paired t-test over seeds", "p_value": None, "ci": None,
-                 "significant": None}
+    out: dict = {
+        "metric": metric,
+        "name": name,
+        "best": best,
+        "runner_up": runner,
+        "lead": statistics.fmean(diffs),
+        "seeds": len(seeds),
+        "test": "paired t-test over seeds",
+        "p_value": None,
+        "ci": None,
+        "significant": None,
+    }
     if len(seeds) < 2:
-        out["text"] = (f"{best} leads {runner} on {name} by {out['lead']:.4g}, but with one seed "
-                       f"no claim can be made about the seed-to-seed spread (use --seeds 3 or more)")
+        out["text"] = (
+            f"{best} leads {runner} on {name} by {out['lead']:.4g}, but with one seed "
+            f"no claim can be made about the seed-to-seed spread (use --seeds 3 or more)"
+        )
         return out
     sd = statistics.stdev(diffs)
     df, se = len(diffs) - 1, sd / math.sqrt(len(diffs))
@@ -41,13 +53,17 @@ def paired_verdict(per_label: dict[str, dict[int, float]], *, seeds: list[int], 
     out["ci"] = [out["lead"] - half, out["lead"] + half]
     out["p_value"] = float(2 * special.stdtr(df, -abs(out["lead"]) / se)) if sd > 0 else None  # two-sided
     out["significant"] = bool(out["ci"][0] > 0)
-    spread = (f"{int(CONFIDENCE * 100)}% CI of the paired difference [{out['ci'][0]:.3g}, {out['ci'][1]:.3g}], "
-              f"paired t-test over {len(seeds)} seeds"
-              + (f", p={out['p_value']:.3g}" if out["p_value"] is not None else ""))
+    spread = (
+        f"{int(CONFIDENCE * 100)}% CI of the paired difference [{out['ci'][0]:.3g}, {out['ci'][1]:.3g}], "
+        f"paired t-test over {len(seeds)} seeds" + (f", p={out['p_value']:.3g}" if out["p_value"] is not None else "")
+    )
     if out["significant"]:
-        out["text"] = (f"{best} beats {runner} on {name} by {out['lead']:.4g} ({spread}): "
-                       f"larger than the seed-to-seed spread")
+        out["text"] = (
+            f"{best} beats {runner} on {name} by {out['lead']:.4g} ({spread}): larger than the seed-to-seed spread"
+        )
     else:
-        out["text"] = (f"{best} leads {runner} on {name} by {out['lead']:.4g} ({spread}): "
-                       f"within the seed-to-seed spread, no clear winner")
+        out["text"] = (
+            f"{best} leads {runner} on {name} by {out['lead']:.4g} ({spread}): "
+            f"within the seed-to-seed spread, no clear winner"
+        )
     return out

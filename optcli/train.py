@@ -7,10 +7,11 @@ read back once at its end, so the loop never waits on a host sync per step.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -18,8 +19,9 @@ from torch import nn
 from optcli.config import Config
 from optcli.data import Data, Split, batches, epoch_permutation
 from optcli.distributed import SINGLE, Dist
-from optcli.optim import current_lr, is_plateau, needs_closure
+from optcli.optim import current_lr, is_plateau, needs_closure, step_with_closure
 
+LossFn = nn.CrossEntropyLoss | nn.MSELoss
 EVAL_BATCH = 8192  # evaluation needs no gradients, so large batches are cheap and fast
 
 
@@ -27,8 +29,8 @@ EVAL_BATCH = 8192  # evaluation needs no gradients, so large batches are cheap a
 class EpochMetrics:
     epoch: int
     train_loss: float  # the configured loss, averaged over the epoch's samples
-    val_loss: Optional[float]
-    val_accuracy: Optional[float]
+    val_loss: float | None
+    val_accuracy: float | None
     lr: float  # the learning rate used during this epoch (first param group)
     seconds: float
 
@@ -37,18 +39,18 @@ class EpochMetrics:
 class History:
     epochs: list[EpochMetrics] = field(default_factory=list)
     status: str = "running"  # completed | diverged | interrupted
-    diverged_at: Optional[dict] = None  # {"epoch": e, "step": s} of the first non-finite loss
-    test_loss: Optional[float] = None
-    test_accuracy: Optional[float] = None
+    diverged_at: dict | None = None  # {"epoch": e, "step": s} of the first non-finite loss
+    test_loss: float | None = None
+    test_accuracy: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "History":
+    def from_dict(cls, d: dict) -> History:
         return cls(**{**d, "epochs": [EpochMetrics(**e) for e in d["epochs"]]})
 
-    def best(self) -> Optional[EpochMetrics]:
+    def best(self) -> EpochMetrics | None:
         """The epoch with the lowest validation loss (train loss when there is no validation split)."""
         finite = [e for e in self.epochs if math.isfinite(_score(e))]
         return min(finite, key=_score) if finite else None
@@ -58,7 +60,7 @@ def _score(e: EpochMetrics) -> float:
     return e.val_loss if e.val_loss is not None else e.train_loss
 
 
-def make_loss(cfg: Config, dist: Dist = SINGLE) -> nn.Module:
+def make_loss(cfg: Config, dist: Dist = SINGLE) -> LossFn:
     cls = nn.CrossEntropyLoss if cfg.train.loss == "cross_entropy" else nn.MSELoss
     return cls(reduction="sum" if dist.enabled else cfg.train.reduction)
 
@@ -68,10 +70,20 @@ def _sample_sum(loss: torch.Tensor, n: int, reduction: str) -> torch.Tensor:
     return loss * n if reduction == "mean" else loss
 
 
-def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, split: Split, *,
-                    batch_size: int, perm: torch.Tensor, accumulate: int = 1, grad_clip: Optional[float] = None,
-                    on_batch: Optional[Callable[[int, int], None]] = None, dist: Dist = SINGLE,
-                    reduction: Optional[str] = None) -> torch.Tensor:
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    split: Split,
+    *,
+    batch_size: int,
+    perm: torch.Tensor,
+    accumulate: int = 1,
+    grad_clip: float | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+    dist: Dist = SINGLE,
+    reduction: str | None = None,
+) -> torch.Tensor:
     """One pass over `split` in the order `perm`; returns each batch's loss summed over its samples (on device).
     Under torchrun each rank runs its shard of every batch with a summed loss, and `reduction` is the
     configured one (see `loss_weight`)."""
@@ -87,13 +99,13 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn:
         x, y, n_global = dist.shard(x), dist.shard(y), len(x)
         if use_closure:  # LBFGS re-evaluates the loss several times per step
 
-            def closure():
+            def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model(x), y)
                 loss.backward()
                 return loss
 
-            loss = optimizer.step(closure)
+            loss = step_with_closure(optimizer, closure)
         else:
             loss = loss_fn(model(x), y)
             (loss * scale * loss_weight(dist, n_global, reduction)).backward()
@@ -118,7 +130,7 @@ def loss_weight(dist: Dist, n_global: int, reduction: str) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loss_fn: nn.Module, split: Split, *, dist: Dist = SINGLE) -> tuple[float, Optional[float]]:
+def evaluate(model: nn.Module, loss_fn: LossFn, split: Split, *, dist: Dist = SINGLE) -> tuple[float, float | None]:
     """(average loss, accuracy) over `split`; accuracy is None for regression. Each rank evaluates its shard."""
     model.eval()
     x_all, y_all = dist.shard(split.x), dist.shard(split.y)
@@ -134,10 +146,19 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, split: Split, *, dist: Dist =
     return total / len(split), (correct / len(split) if classify else None)
 
 
-def fit(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, data: Data, *,
-        history: Optional[History] = None, on_epoch: Optional[Callable[[History], None]] = None,
-        on_batch: Optional[Callable[[int, int, int], None]] = None, train_model: Optional[nn.Module] = None,
-        dist: Dist = SINGLE) -> History:
+def fit(
+    cfg: Config,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    data: Data,
+    *,
+    history: History | None = None,
+    on_epoch: Callable[[History], None] | None = None,
+    on_batch: Callable[[int, int, int], None] | None = None,
+    train_model: nn.Module | None = None,
+    dist: Dist = SINGLE,
+) -> History:
     """Train from the epoch after the last one in `history` to cfg.train.epochs. `train_model` is the module
     run forward in training (a DDP or torch.compile wrapper of `model`), `model` the one evaluated and saved."""
     history = history or History()
@@ -147,19 +168,33 @@ def fit(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
     for epoch in range(len(history.epochs) + 1, cfg.train.epochs + 1):
         t0 = time.perf_counter()
         perm = epoch_permutation(len(data.train), cfg.seed, epoch, device)
-        batch_cb = (lambda i, n: on_batch(epoch, i, n)) if on_batch else None
-        losses = train_one_epoch(train_model, optimizer, loss_fn, data.train, batch_size=cfg.data.batch_size, perm=perm,
-                                 accumulate=cfg.train.accumulate, grad_clip=cfg.train.grad_clip, on_batch=batch_cb,
-                                 dist=dist, reduction=cfg.train.reduction)
+        batch_cb = functools.partial(on_batch, epoch) if on_batch else None
+        losses = train_one_epoch(
+            train_model,
+            optimizer,
+            loss_fn,
+            data.train,
+            batch_size=cfg.data.batch_size,
+            perm=perm,
+            accumulate=cfg.train.accumulate,
+            grad_clip=cfg.train.grad_clip,
+            on_batch=batch_cb,
+            dist=dist,
+            reduction=cfg.train.reduction,
+        )
         finite = torch.isfinite(losses)
         bad_step = None if bool(finite.all()) else int((~finite).nonzero()[0]) + 1
-        val_loss, val_acc = evaluate(model, loss_fn, data.val, dist=dist) if data.val is not None and bad_step is None else (None, None)
+        val_loss, val_acc = (
+            evaluate(model, loss_fn, data.val, dist=dist) if data.val is not None and bad_step is None else (None, None)
+        )
         lr = current_lr(optimizer)
         train_loss = losses.sum().item() / len(data.train)
         if bad_step is None and val_loss is not None and not math.isfinite(val_loss):
             bad_step = len(losses)
         if scheduler is not None and bad_step is None:
-            scheduler.step(val_loss if val_loss is not None else train_loss) if is_plateau(scheduler) else scheduler.step()
+            scheduler.step(val_loss if val_loss is not None else train_loss) if is_plateau(
+                scheduler
+            ) else scheduler.step()
         history.epochs.append(EpochMetrics(epoch, train_loss, val_loss, val_acc, lr, time.perf_counter() - t0))
         if bad_step is not None:
             history.status, history.diverged_at = "diverged", {"epoch": epoch, "step": bad_step}

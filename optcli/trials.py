@@ -43,8 +43,9 @@ class TrialCallbacks:
     on_epoch: Callable[[History], None] | None = None
 
 
-def run_trial(cfg: Config, data: Data, spec: OptimizerSpec, seed: int, *,
-              on_epoch: Callable[[History], None] | None = None) -> History:
+def run_trial(
+    cfg: Config, data: Data, spec: OptimizerSpec, seed: int, *, on_epoch: Callable[[History], None] | None = None
+) -> History:
     """One (optimizer, seed) run. The initial weights, the batch order and the dropout masks are functions of
     the seed alone, so every optimizer of a seed starts from the same point, in any process."""
     cfg = cfg.model_copy(update={"seed": seed, "optimizer": spec.config()})
@@ -122,14 +123,17 @@ class ProcessPoolRunner(TrialRunner):
     def __init__(self, cfg: Config, *, jobs: int, threads: int | None = None, callbacks: TrialCallbacks | None = None):
         super().__init__(callbacks)
         # spawn, not fork: a forked child of a process that has started torch's thread pools can hang
-        self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_init_worker,
-                                        initargs=(cfg.model_dump(mode="json"), threads or threads_per_job(jobs)))
+        self.pool = ProcessPoolExecutor(
+            max_workers=jobs,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(cfg.model_dump(mode="json"), threads or threads_per_job(jobs)),
+        )
 
     def run(self, plan: Plan) -> list[History]:
         futures = [self.pool.submit(_run_in_worker, spec, seed) for spec, seed in plan]
         results = []
-        for (spec, seed), future in zip(plan, futures):
+        for (spec, seed), future in zip(plan, futures, strict=True):
             results.append(future.result())
             if self.callbacks.on_trial_done:
                 self.callbacks.on_trial_done(spec.label, seed, results[-1])

@@ -65,9 +65,27 @@ def tiny_mnist(tmp_path) -> Path:
 
 def mnist_args(root: Path, *extra: str) -> list[str]:
     """A small MNIST run on the tiny files: real torchvision loading, seconds of training."""
-    return ["--set", "data.name=mnist", "--set", f"data.root={root}", "--set", "data.download=false",
-            "--set", "train.loss=cross_entropy", "--set", "train.reduction=mean", "--set", "data.batch_size=32",
-            "--set", "data.val_fraction=0.2", "--set", "model.hidden=[32,16]", "--set", "optimizer.lr=0.01", *extra]
+    return [
+        "--set",
+        "data.name=mnist",
+        "--set",
+        f"data.root={root}",
+        "--set",
+        "data.download=false",
+        "--set",
+        "train.loss=cross_entropy",
+        "--set",
+        "train.reduction=mean",
+        "--set",
+        "data.batch_size=32",
+        "--set",
+        "data.val_fraction=0.2",
+        "--set",
+        "model.hidden=[32,16]",
+        "--set",
+        "optimizer.lr=0.01",
+        *extra,
+    ]
 
 
 @pytest.fixture

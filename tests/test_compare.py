@@ -57,8 +57,8 @@ def _history(losses, val=None, status="completed"):
 
 def test_mean_and_std_over_seeds_hand_checked():
     specs = parse_specs(["sgd", "adam"])
-    trials = [Trial("sgd", s, _history([9.0, v])) for s, v in zip(range(3), [1.0, 2.0, 3.0])]
-    trials += [Trial("adam", s, _history([9.0, v])) for s, v in zip(range(3), [4.0, 4.0, 4.0])]
+    trials = [Trial("sgd", s, _history([9.0, v])) for s, v in zip(range(3), [1.0, 2.0, 3.0], strict=True)]
+    trials += [Trial("adam", s, _history([9.0, v])) for s, v in zip(range(3), [4.0, 4.0, 4.0], strict=True)]
     rows = {r["label"]: r for r in aggregate(specs, trials)}
     assert rows["sgd"]["final_train_loss"] == pytest.approx(2.0)
     assert rows["sgd"]["final_train_loss_std"] == pytest.approx(1.0)  # sample std: sqrt(((1)^2+0+(1)^2)/2)
@@ -118,14 +118,17 @@ def test_files_summary_matches_table_and_png_is_valid(tmp_path):
     assert "compare:" in (run_dir / "config.yaml").read_text()
 
 
-@pytest.mark.parametrize("spec, fragment", [
-    ("adamm", "unknown name 'adamm'"),
-    ("sgd:momentun=0.9", "SGD takes no argument 'momentun'"),
-    ("sgd:lr=[1,", "cannot parse the value of 'lr'"),
-    ("sgd:lr", "expected key=value"),
-    ("adam:lr=-1", "lr: must be > 0"),
-    ("adam:betas=[2,0.9]", "Invalid beta parameter"),
-])
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ("adamm", "unknown name 'adamm'"),
+        ("sgd:momentun=0.9", "SGD takes no argument 'momentun'"),
+        ("sgd:lr=[1,", "cannot parse the value of 'lr'"),
+        ("sgd:lr", "expected key=value"),
+        ("adam:lr=-1", "lr: must be > 0"),
+        ("adam:betas=[2,0.9]", "Invalid beta parameter"),
+    ],
+)
 def test_bad_specs_fail_before_any_training(spec, fragment, tmp_path):
     assert_user_error(cli("compare", "adam", spec), fragment, tmp_path)
 
@@ -137,12 +140,13 @@ def test_one_seed_verdict_says_no_claim(tmp_path):
 
 
 def test_tune_lr_gives_every_optimizer_the_same_budget(tiny_mnist):
-    result = cli("compare", "sgd", "adam", *mnist_args(tiny_mnist), "--epochs", "2", "--tune-lr", "--tune-budget", "3",
-                 "--json")
+    result = cli(
+        "compare", "sgd", "adam", *mnist_args(tiny_mnist), "--epochs", "2", "--tune-lr", "--tune-budget", "3", "--json"
+    )
     assert result.exit_code == 0, result.output
     tuning = json.loads(result.stdout)["tuning"]
     assert tuning["budget"] == 3
-    for label, t in tuning["optimizers"].items():
+    for _label, t in tuning["optimizers"].items():
         assert len(t["grid"]) == 3 and t["chosen_lr"] in t["grid"]
         assert t["at_edge"] == (t["chosen_lr"] != t["grid"][1])
         assert t["grid"][0] == pytest.approx(t["grid"][1] / 10) and t["grid"][2] == pytest.approx(t["grid"][1] * 10)
@@ -164,9 +168,20 @@ def test_classification_table_has_accuracies(tiny_mnist):
     assert all(not math.isnan(r["best_val_loss"]) for r in rows)
 
 
+@pytest.mark.slow
 def test_parallel_jobs_give_the_serial_results_bit_for_bit(tiny_mnist):
-    args = ["sgd:lr=0.05", "adam", *mnist_args(tiny_mnist, "--set", "model.hidden=[600,300]"), "--epochs", "2",
-            "--seeds", "2", "--json", "--threads", "1"]
+    args = [
+        "sgd:lr=0.05",
+        "adam",
+        *mnist_args(tiny_mnist, "--set", "model.hidden=[600,300]"),
+        "--epochs",
+        "2",
+        "--seeds",
+        "2",
+        "--json",
+        "--threads",
+        "1",
+    ]
     serial = json.loads(cli("compare", *args).stdout)
     result = cli("compare", *args, "--jobs", "2")
     assert result.exit_code == 0, result.output
@@ -188,7 +203,7 @@ def test_comparisons_run_apart_merge_into_the_one_run_together(tmp_path):
     key = lambda t: (t["label"], t["seed"])  # noqa: E731
     losses = lambda s: {key(t): [e["train_loss"] for e in t["epochs"]] for t in s["trials"]}  # noqa: E731
     assert losses(merged) == losses(whole)
-    for a, b in zip(merged["rows"], whole["rows"]):
+    for a, b in zip(merged["rows"], whole["rows"], strict=True):
         assert a["final_train_loss"] == b["final_train_loss"] and a["final_train_loss_std"] == b["final_train_loss_std"]
     assert [v["text"] for v in merged["verdicts"]] == [v["text"] for v in whole["verdicts"]]
     assert (tmp_path / "runs" / "ab" / "loss.png").exists()

@@ -24,8 +24,9 @@ def test_shipped_mnist_config(repo_root):
 
 
 def test_set_overrides_parse_values_as_yaml():
-    cfg = load_config(None, ["model.hidden=[256,128]", "optimizer.lr=3e-4", "optimizer.momentum=0.9",
-                             "data.download=false", "seed=7"])
+    cfg = load_config(
+        None, ["model.hidden=[256,128]", "optimizer.lr=3e-4", "optimizer.momentum=0.9", "data.download=false", "seed=7"]
+    )
     assert cfg.model.hidden == [256, 128]
     assert cfg.optimizer.kwargs == {"lr": 3e-4, "momentum": 0.9}
     assert cfg.data.download is False and cfg.seed == 7
@@ -34,21 +35,6 @@ def test_set_overrides_parse_values_as_yaml():
 def test_exponent_floats_without_a_dot_are_floats():
     assert parse_yaml("lr: 1e-3") == {"lr": 0.001}
     assert parse_yaml("x: 1e") == {"x": "1e"}
-
-
-@pytest.mark.parametrize("override, fragment", [
-    ("data.batch_size=0", "data.batch_size"),
-    ("model.dropout=1.0", "model.dropout"),
-    ("data.bach_size=3", "did you mean 'batch_size'"),
-    ("nosuch=1", "unknown key 'nosuch'"),
-    ("optimizer.lr=-1", "optimizer.lr"),
-    ("train.loss=cross_entropy", "train.loss"),
-    ("model.hidden=[]", "model.hidden"),
-    ("model.activation=swish", "model.activation"),
-])
-def test_bad_values_name_the_key_path(override, fragment):
-    with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace("'", "'")):
-        load_config(None, [override])
 
 
 def test_unknown_key_in_file_suggests_the_closest(tmp_path):

@@ -11,6 +11,8 @@ import pytest
 
 from tests.conftest import cli, mnist_args
 
+pytestmark = pytest.mark.slow  # every test here starts torchrun and its processes
+
 HELPERS = Path(__file__).parent / "helpers"
 # Two processes average the gradients of two half-batches; one process sums the whole batch at once. Both are
 # exact up to float32 summation order. A sum of n float32 terms in another order differs by at most n * u relative
@@ -35,7 +37,7 @@ def rows(run_dir):
 
 def assert_same_curve(a, b):
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         for key in ("train_loss", "val_loss", "val_accuracy"):
             if x[key] is not None:
                 assert y[key] == pytest.approx(x[key], rel=REL_TOL), (key, x, y)
@@ -44,8 +46,14 @@ def assert_same_curve(a, b):
 def test_two_gloo_processes_give_the_one_process_curve(tiny_mnist, tmp_path):
     # 240 training images in batches of 32: the last batch of 16 splits 8 + 8; 300 * 0.2 = 60 validation images
     args = mnist_args(tiny_mnist, "--set", "train.epochs=4", "--set", "model.dropout=0")
-    one = subprocess.run([sys.executable, "-m", "optcli", "train", *args, "--set", "name=one"], cwd=tmp_path,
-                         env={**os.environ, **ONE_THREAD}, capture_output=True, text=True, timeout=240)
+    one = subprocess.run(
+        [sys.executable, "-m", "optcli", "train", *args, "--set", "name=one"],
+        cwd=tmp_path,
+        env={**os.environ, **ONE_THREAD},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert one.returncode == 0, one.stdout + one.stderr
     two = torchrun("train", *args, "--set", "name=two", cwd=tmp_path)
     assert two.returncode == 0, two.stdout + two.stderr
@@ -59,8 +67,16 @@ def test_two_gloo_processes_give_the_one_process_curve(tiny_mnist, tmp_path):
 
 
 def test_regression_sum_reduction_and_resume_across_process_counts(tmp_path):
-    args = ["--set", "train.epochs=3", "--set", "data.samples=96", "--set", "data.batch_size=32",
-            "--set", "data.val_fraction=0.25"]
+    args = [
+        "--set",
+        "train.epochs=3",
+        "--set",
+        "data.samples=96",
+        "--set",
+        "data.batch_size=32",
+        "--set",
+        "data.val_fraction=0.25",
+    ]
     assert cli("train", *args, "--set", "name=one", "--set", "train.epochs=6").exit_code == 0
     two = torchrun("train", *args, "--set", "name=two", cwd=tmp_path)
     assert two.returncode == 0, two.stdout + two.stderr
@@ -81,8 +97,18 @@ def test_world_size_that_does_not_divide_the_batch_is_a_clear_error(tmp_path):
 
 def test_a_failing_rank_ends_the_job_with_its_message(tmp_path):
     started = time.monotonic()
-    out = torchrun("train", "--set", "train.epochs=50", "--set", "data.samples=512", "--set", "data.batch_size=64",
-                   cwd=tmp_path, script=HELPERS / "failing_rank.py", timeout=180)
+    out = torchrun(
+        "train",
+        "--set",
+        "train.epochs=50",
+        "--set",
+        "data.samples=512",
+        "--set",
+        "data.batch_size=64",
+        cwd=tmp_path,
+        script=HELPERS / "failing_rank.py",
+        timeout=180,
+    )
     elapsed = time.monotonic() - started
     assert out.returncode != 0
     assert "rank 1 failed on purpose in epoch 2" in out.stdout + out.stderr

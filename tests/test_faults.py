@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -21,8 +22,14 @@ from tests.conftest import cli
 
 def start(*args, cwd):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "100"}
-    return subprocess.Popen([sys.executable, "-m", "optcli", "train", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "optcli", "train", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def wait_for(path: Path, timeout: float = 60.0) -> None:
@@ -44,6 +51,7 @@ def assert_run_dir_is_whole(run_dir: Path) -> int:
     return len(rows)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_the_last_completed_epoch_and_exits_130(tmp_path):
     proc = start("--set", "train.epochs=100000", "--set", "name=r", cwd=tmp_path)
     run_dir = tmp_path / "runs" / "r"
@@ -61,10 +69,17 @@ def test_ctrl_c_saves_the_last_completed_epoch_and_exits_130(tmp_path):
     assert assert_run_dir_is_whole(run_dir) == done + 3
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_leaves_whole_files_and_resume_is_exact(tmp_path):
     epochs = 1500
-    args = ["--set", f"train.epochs={epochs}", "--set", "model.dropout=0.2",
-            "--set", "scheduler={name: exponentiallr, gamma: 0.999}"]
+    args = [
+        "--set",
+        f"train.epochs={epochs}",
+        "--set",
+        "model.dropout=0.2",
+        "--set",
+        "scheduler={name: exponentiallr, gamma: 0.999}",
+    ]
     whole = start(*args, "--set", "name=whole", cwd=tmp_path)  # a process of its own, like the killed run
     assert whole.wait(timeout=120) == 0
     rng = random.Random(0)
@@ -77,8 +92,12 @@ def test_sigkill_at_any_moment_leaves_whole_files_and_resume_is_exact(tmp_path):
         proc.wait(timeout=30)
         done = assert_run_dir_is_whole(run_dir)
         assert done < epochs, "the run finished before it was killed; give it more epochs"
-        proc = subprocess.Popen([sys.executable, "-m", "optcli", "train", "--resume", str(run_dir)], cwd=tmp_path,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "optcli", "train", "--resume", str(run_dir)],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(0.5)
     assert proc.wait(timeout=120) == 0
     assert not list(run_dir.glob(".*.tmp"))
@@ -103,6 +122,7 @@ def test_two_runs_started_at_once_never_share_a_directory(tmp_path):
     assert len(set(made)) == 8 and all(p.is_dir() for p in made)
 
 
+@pytest.mark.slow
 def test_two_processes_with_the_same_name_get_two_directories(tmp_path):
     procs = [start("--set", "train.epochs=3", "--set", "name=twin", cwd=tmp_path) for _ in range(2)]
     for p in procs:

@@ -58,7 +58,12 @@ def test_buffers_are_listed_as_buffers():
     r = inspect_params(load_config(None, ["model.batch_norm=true", "model.hidden=[8,4]"]))
     kinds = {e["key"]: e["kind"] for e in r.state_dict}
     for i in (1, 2):
-        assert kinds[f"bn{i}.running_mean"] == kinds[f"bn{i}.running_var"] == kinds[f"bn{i}.num_batches_tracked"] == "buffer"
+        assert (
+            kinds[f"bn{i}.running_mean"]
+            == kinds[f"bn{i}.running_var"]
+            == kinds[f"bn{i}.num_batches_tracked"]
+            == "buffer"
+        )
         assert kinds[f"bn{i}.weight"] == "parameter"
     assert {m["type"] for m in r.modes["modules"]} == {"BatchNorm1d"}
 

@@ -33,6 +33,15 @@ def test_cpu_dropout_is_seeded_masks_gradients_and_is_identity_in_eval():
 def test_mlp_names_its_layers():
     model = MLP(784, [512, 256], 10, "relu", 0.2, batch_norm=True)
     assert [n for n, _ in model.named_parameters()] == [
-        "fc1.weight", "fc1.bias", "bn1.weight", "bn1.bias", "fc2.weight", "fc2.bias", "bn2.weight", "bn2.bias",
-        "out.weight", "out.bias"]
+        "fc1.weight",
+        "fc1.bias",
+        "bn1.weight",
+        "bn1.bias",
+        "fc2.weight",
+        "fc2.bias",
+        "bn2.weight",
+        "bn2.bias",
+        "out.weight",
+        "out.bias",
+    ]
     assert model(torch.randn(4, 784)).shape == (4, 10)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -18,11 +18,11 @@ def fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def pct(value: Optional[float]) -> str:
+def pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.2f}%"
 
 
-def mean_pm(mean: Optional[float], std: Optional[float], as_pct: bool = False) -> str:
+def mean_pm(mean: float | None, std: float | None, as_pct: bool = False) -> str:
     if mean is None:
         return "—"
     if as_pct:
@@ -33,7 +33,7 @@ def mean_pm(mean: Optional[float], std: Optional[float], as_pct: bool = False) -
 SPARKS = "▁▂▃▄▅▆▇█"
 
 
-def sparkline(values: list[Optional[float]], width: int = 40) -> str:
+def sparkline(values: list[float | None], width: int = 40) -> str:
     """Loss curves span orders of magnitude, so the line is drawn on a log scale."""
     pts = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
     if not pts:
@@ -42,5 +42,9 @@ def sparkline(values: list[Optional[float]], width: int = 40) -> str:
     sampled = [values[i] for i in range(0, len(values), step)]
     lo, hi = math.log10(min(pts)), math.log10(max(pts))
     span = hi - lo or 1.0
-    return "".join(" " if v is None or v <= 0 or not math.isfinite(v)
-                   else SPARKS[min(len(SPARKS) - 1, int((math.log10(v) - lo) / span * len(SPARKS)))] for v in sampled)
+    return "".join(
+        " "
+        if v is None or v <= 0 or not math.isfinite(v)
+        else SPARKS[min(len(SPARKS) - 1, int((math.log10(v) - lo) / span * len(SPARKS)))]
+        for v in sampled
+    )

@@ -15,20 +15,25 @@ def save_loss_plot(c, path) -> None:
 
     from optcli.runs import atomic_write_bytes
 
-    kinds = [k for k in ("train_loss", "val_loss") if any(p[0] is not None for cur in c.curves.values() for p in cur[k])]
+    kinds = [
+        k for k in ("train_loss", "val_loss") if any(p[0] is not None for cur in c.curves.values() for p in cur[k])
+    ]
     fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
+    for ax, kind in zip(axes[0], kinds, strict=True):
         for label, cur in c.curves.items():
             pts = [(i + 1, mean, lo, hi) for i, (mean, _, lo, hi) in enumerate(cur[kind]) if mean is not None]
             if not pts:
                 continue
-            x, mean, lo, hi = zip(*pts)
-            line, = ax.plot(x, mean, label=label)
+            x, mean, lo, hi = zip(*pts, strict=True)
+            (line,) = ax.plot(x, mean, label=label)
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_xlabel("epoch")
         ax.set_ylabel(("training" if kind == "train_loss" else "validation") + " loss")
         ax.set_yscale("log")
-        ax.set_title(f"{'Training' if kind == 'train_loss' else 'Validation'} loss: mean, band min–max over {len(c.seeds)} seed(s)")
+        ax.set_title(
+            f"{'Training' if kind == 'train_loss' else 'Validation'} loss: mean, "
+            f"band min–max over {len(c.seeds)} seed(s)"
+        )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()

@@ -9,9 +9,16 @@ from optcli.report.format import fmt
 
 
 def progress_bar(transient: bool = False) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=err_console, transient=transient)
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=transient,
+    )
 
 
 class LazyProgress:
@@ -40,13 +47,12 @@ class TrainProgress(LazyProgress):
 
     def __init__(self, epochs: int):
         super().__init__()
-        self.epochs = epochs
-        self.epoch_task = self.batch_task = None
+        self.epoch_task = self.progress.add_task("epochs", total=epochs, info="")  # shown once begin() runs
+        self.batch_task = self.progress.add_task("batches", total=None, info="")
 
     def start(self, run_dir, start_epoch: int, data) -> None:
         self.begin()
-        self.epoch_task = self.progress.add_task("epochs", total=self.epochs, completed=start_epoch - 1, info="")
-        self.batch_task = self.progress.add_task("batches", total=None, info="")
+        self.progress.update(self.epoch_task, completed=start_epoch - 1)
 
     def batch(self, epoch: int, i: int, n: int) -> None:
         self.progress.update(self.batch_task, completed=i, total=n, description=f"epoch {epoch}")
@@ -62,20 +68,21 @@ class CompareProgress(LazyProgress):
 
     def __init__(self, epochs: int):
         super().__init__()
-        self.epochs = epochs
-        self.trials = self.current = None
+        self.trials = self.progress.add_task("trials", total=None, info="")  # shown once begin() runs
+        self.current = self.progress.add_task("epochs", total=epochs, info="")
 
     def plan(self, n_trials: int) -> None:
         self.begin()
-        self.trials = self.progress.add_task("trials", total=n_trials, info="")
-        self.current = self.progress.add_task("epochs", total=self.epochs, info="")
+        self.progress.update(self.trials, total=n_trials)
 
     def trial_start(self, label: str, seed: int) -> None:
         self.progress.update(self.current, completed=0, description=f"{label} seed {seed}", info="")
 
     def epoch(self, history) -> None:
         e = history.epochs[-1]
-        self.progress.update(self.current, completed=e.epoch, info=f"loss {fmt(e.val_loss if e.val_loss is not None else e.train_loss)}")
+        self.progress.update(
+            self.current, completed=e.epoch, info=f"loss {fmt(e.val_loss if e.val_loss is not None else e.train_loss)}"
+        )
 
     def trial_done(self, label: str, seed: int, history) -> None:
         self.progress.update(self.trials, advance=1, info=f"{label} seed {seed}: {history.status}")

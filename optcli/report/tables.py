@@ -44,9 +44,12 @@ def print_train_result(result, every: int = 0) -> None:
     if s["best"]:
         b = s["best"]
         what = "val loss" if b["val_loss"] is not None else "train loss"
-        line += f"; best {what} {fmt(b['val_loss'] if b['val_loss'] is not None else b['train_loss'])} at epoch {b['epoch']}"
+        value = b["val_loss"] if b["val_loss"] is not None else b["train_loss"]
+        line += f"; best {what} {fmt(value)} at epoch {b['epoch']}"
     if h.test_loss is not None:
-        line += f"; test loss {fmt(h.test_loss)}" + (f", test acc {pct(h.test_accuracy)}" if h.test_accuracy is not None else "")
+        line += f"; test loss {fmt(h.test_loss)}" + (
+            f", test acc {pct(h.test_accuracy)}" if h.test_accuracy is not None else ""
+        )
     if s["seconds_per_epoch"]:
         line += f"; {s['seconds_per_epoch']:.3f} s/epoch on {s['device']}"
     console.print(line)
@@ -87,8 +90,11 @@ def comparison_table(c) -> Table:
             text = mean_pm(r[key], r[key + "_std"], as_pct)
             cells.append(f"[bold green]{text}[/]" if best.get(key) == r["label"] else text)
         cells += [mean_pm(r["epochs_to_best"], r["epochs_to_best_std"]), fmt(r["seconds_per_epoch"], 3)]
-        status = r["status"] if not r["diverged_at"] else r["status"] + " (" + ", ".join(
-            f"seed {d['seed']} epoch {d['epoch']}" for d in r["diverged_at"]) + ")"
+        status = (
+            r["status"]
+            if not r["diverged_at"]
+            else r["status"] + " (" + ", ".join(f"seed {d['seed']} epoch {d['epoch']}" for d in r["diverged_at"]) + ")"
+        )
         cells.append(f"[red]{status}[/]" if r["diverged_at"] else status)
         table.add_row(*cells)
     return table
@@ -117,24 +123,30 @@ def curve_table(c, max_rows: int = 30) -> Table:
         values = {label: c.curves[label][kind][e][0] for label in labels}
         finite = [v for v in values.values() if v is not None]
         low = min(finite) if finite else None
-        table.add_row(str(e + 1), *[(f"[bold green]{fmt(v)}[/]" if v is not None and v == low else fmt(v))
-                                    for v in values.values()])
+        table.add_row(
+            str(e + 1),
+            *[(f"[bold green]{fmt(v)}[/]" if v is not None and v == low else fmt(v)) for v in values.values()],
+        )
     return table
 
 
 def tuning_table(tuning: dict) -> Table:
-    table = Table(title=f"Learning-rate tuning: {tuning['budget']} learning rates per optimizer, seed {tuning['seed']}, "
-                        f"chosen by {tuning['selected_by']}")
+    table = Table(
+        title=f"Learning-rate tuning: {tuning['budget']} learning rates per optimizer, seed {tuning['seed']}, "
+        f"chosen by {tuning['selected_by']}"
+    )
     table.add_column("optimizer")
     table.add_column("grid (lr: val loss)")
     table.add_column("chosen lr", justify="right")
     for label, t in tuning["optimizers"].items():
-        grid = ", ".join(f"{fmt(lr, 3)}: {fmt(v, 3)}" for lr, v in zip(t["grid"], t["val_loss"]))
+        grid = ", ".join(f"{fmt(lr, 3)}: {fmt(v, 3)}" for lr, v in zip(t["grid"], t["val_loss"], strict=True))
         table.add_row(label, grid, fmt(t["chosen_lr"], 3) + (" [yellow](grid edge)[/]" if t["at_edge"] else ""))
     edge = [label for label, t in tuning["optimizers"].items() if t["at_edge"]]
     if edge:
-        table.caption = (f"{', '.join(edge)}: the best lr is at the edge of the grid; the optimum may lie beyond it "
-                         f"(give an lr in the spec to move the grid)")
+        table.caption = (
+            f"{', '.join(edge)}: the best lr is at the edge of the grid; the optimum may lie beyond it "
+            f"(give an lr in the spec to move the grid)"
+        )
     return table
 
 
@@ -150,6 +162,9 @@ def print_comparison(c) -> None:
         console.print("  fewer than two optimizers completed every seed: no verdict")
     outside = c.wall_seconds - c.epoch_seconds / c.jobs
     if c.wall_seconds:
-        console.print(f"wall time {c.wall_seconds:.1f} s ({c.epoch_seconds:.1f} s inside training epochs"
-                      + (f", {c.jobs} jobs" if c.jobs > 1 else f", {max(outside, 0):.1f} s outside") + ")")
+        console.print(
+            f"wall time {c.wall_seconds:.1f} s ({c.epoch_seconds:.1f} s inside training epochs"
+            + (f", {c.jobs} jobs" if c.jobs > 1 else f", {max(outside, 0):.1f} s outside")
+            + ")"
+        )
     console.print(f"files: {c.run_dir}")
