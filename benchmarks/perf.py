@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from optcli.build import build_model_and_optimizer, torch_settings  # noqa: E402
 from optcli.config import load_config  # noqa: E402
-from optcli.data import epoch_permutation, load_data  # noqa: E402
+from optcli.tasks import epoch_permutation, load_data  # noqa: E402
 from optcli.train import make_loss, train_one_epoch  # noqa: E402
 
 BATCH = 128

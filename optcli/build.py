@@ -9,9 +9,9 @@ from contextlib import contextmanager
 import torch
 
 from optcli.config import Config
-from optcli.data import Data
 from optcli.model import build_model
 from optcli.optim import build_optimizer, build_scheduler
+from optcli.tasks import Data
 
 
 def seed_torch(seed: int) -> None:

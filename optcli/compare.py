@@ -16,7 +16,6 @@ import torch
 
 from optcli.build import torch_settings
 from optcli.config import Config, optimizer_config, to_yaml
-from optcli.data import load_data
 from optcli.errors import UserError
 from optcli.model import check_model_config, resolve_device
 from optcli.optim import (
@@ -29,6 +28,7 @@ from optcli.optim import (
 )
 from optcli.runs import atomic_write_text, create_run_dir, write_csv, write_json
 from optcli.stats import mean_std, paired_verdict
+from optcli.tasks import load_data
 from optcli.train import History
 from optcli.trials import OptimizerSpec, ProcessPoolRunner, SerialRunner, TrialCallbacks, TrialRunner
 

@@ -12,7 +12,6 @@ from torch import nn
 
 from optcli.build import seed_torch, torch_settings
 from optcli.config import Config, optimizer_config, validate
-from optcli.data import epoch_permutation, load_data, task_shape
 from optcli.errors import UserError
 from optcli.model import build_model, resolve_device
 from optcli.optim import (
@@ -24,6 +23,7 @@ from optcli.optim import (
     step_with_closure,
 )
 from optcli.runs import load_checkpoint
+from optcli.tasks import epoch_permutation, load_data, task_shape
 from optcli.train import make_loss
 
 MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)

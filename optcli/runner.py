@@ -14,7 +14,6 @@ import torch
 from optcli import distributed
 from optcli.build import build_model_and_optimizer, torch_settings
 from optcli.config import Config, load_config, to_yaml
-from optcli.data import load_data
 from optcli.distributed import SINGLE, Dist
 from optcli.errors import RunInterrupted, UserError
 from optcli.model import check_model_config, resolve_device
@@ -30,6 +29,7 @@ from optcli.runs import (
     write_json,
     write_jsonl,
 )
+from optcli.tasks import load_data
 from optcli.train import History, fit
 
 CHECKPOINT_INTERVAL_S = 1.0  # last.pt is rewritten at most this often (and always after the final epoch)

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from optcli.config import Config
-from optcli.data import Data, Split, batches, epoch_permutation
 from optcli.distributed import SINGLE, Dist
 from optcli.optim import current_lr, is_plateau, needs_closure, step_with_closure
+from optcli.tasks import Data, Split, batches, epoch_permutation
 
 LossFn = nn.CrossEntropyLoss | nn.MSELoss
 EVAL_BATCH = 8192  # evaluation needs no gradients, so large batches are cheap and fast

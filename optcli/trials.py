@@ -17,7 +17,7 @@ from typing import Any
 
 from optcli.build import build_model_and_optimizer, seed_torch
 from optcli.config import Config, OptimizerConfig, optimizer_config
-from optcli.data import Data
+from optcli.tasks import Data
 from optcli.train import History, fit
 
 
@@ -101,8 +101,8 @@ _worker: dict[str, Any] = {}
 def _init_worker(cfg_json: dict, threads: int) -> None:
     import torch
 
-    from optcli.data import load_data
     from optcli.model import resolve_device
+    from optcli.tasks import load_data
 
     cfg = Config.model_validate(cfg_json)
     # before any parallel work, so that the thread pool inherits it; a worker lives for one comparison only

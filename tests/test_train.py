@@ -7,8 +7,8 @@ import torch
 
 from optcli.build import build_model_and_optimizer
 from optcli.config import load_config
-from optcli.data import load_data
 from optcli.runs import load_checkpoint
+from optcli.tasks import load_data
 from tests.conftest import cli, mnist_args
 
 
