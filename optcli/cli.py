@@ -151,6 +151,12 @@ def compare(
     threads: int | None = typer.Option(
         None, "--threads", metavar="N", help="torch threads per trial (default: cores, or cores // jobs)."
     ),
+    vectorize: bool = typer.Option(
+        False, "--vectorize", help="Train the seeds of each optimizer as one stacked model where that is exact."
+    ),
+    backend: str = typer.Option(
+        "local", "--backend", metavar="local|ray", help="ray: every trial a Ray task (RAY_ADDRESS or a local Ray)."
+    ),
     print_config_: bool = PrintConfigOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -177,6 +183,8 @@ def compare(
             tune_budget=tune_budget,
             jobs=jobs,
             threads=threads,
+            vectorize=vectorize,
+            backend=backend,
             on_plan=p.plan,
             callbacks=callbacks,
         )

@@ -9,7 +9,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ from optcli.runs import atomic_write_text, create_run_dir, write_csv, write_json
 from optcli.stats import mean_std, paired_verdict
 from optcli.tasks import load_data
 from optcli.train import History
-from optcli.trials import OptimizerSpec, ProcessPoolRunner, SerialRunner, TrialCallbacks, TrialRunner
+from optcli.trials import OptimizerSpec, ProcessPoolRunner, RayRunner, SerialRunner, TrialCallbacks, TrialRunner
 
 # (key, label, lower is better)
 METRICS = [
@@ -64,6 +64,7 @@ class Comparison:
     wall_seconds: float = 0.0
     epoch_seconds: float = 0.0  # time inside training epochs, summed over trials
     jobs: int = 1
+    notes: list[str] = field(default_factory=list)  # one line per choice the runner made (vectorize fallbacks)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -166,7 +167,10 @@ def aggregate(specs: list[OptimizerSpec], trials: list[Trial]) -> list[dict]:
             values = [v for t in done if (v := trial_metrics(t.history)[key]) is not None]
             row[key], row[key + "_std"] = mean_std(values)
         diverged = [t for t in mine if t.history.status == "diverged"]
-        row["status"] = "completed" if not diverged else f"diverged {len(diverged)}/{len(mine)}"
+        failed = [t for t in mine if t.history.status == "failed"]
+        parts = [f"{kind} {len(ts)}/{len(mine)}" for kind, ts in (("diverged", diverged), ("failed", failed)) if ts]
+        row["status"] = ", ".join(parts) or "completed"
+        row["failed"] = [{"seed": t.seed, "error": t.history.error} for t in failed]
         row["diverged_at"] = [{"seed": t.seed, **(t.history.diverged_at or {})} for t in diverged]
         rows.append(row)
     return rows
@@ -208,13 +212,17 @@ def run_comparison(
     tune_budget: int = 5,
     jobs: int = 1,
     threads: int | None = None,
+    vectorize: bool = False,
+    backend: str = "local",
     on_plan: Callable[[int], None] | None = None,
     callbacks: TrialCallbacks | None = None,
 ) -> Comparison:
     """Every optimizer x seed, from the same initial weights and batches per seed; files under runs/compare-*/.
     With jobs > 1 the trials run in separate processes (trials.ProcessPoolRunner). `threads` is torch's thread
     count per trial (default: all cores serially, cores // jobs in parallel); with equal thread counts serial and
-    parallel runs give bit-identical results, since torch splits parallel sums by thread."""
+    parallel runs give bit-identical results, since torch splits parallel sums by thread. `vectorize` stacks the
+    seeds of each optimizer into one model where that is exact (vectorized.py); backend "ray" runs every trial as
+    a Ray task (trials.RayRunner)."""
     started = time.perf_counter()
     for flag, value in (("--seeds", seeds), ("--tune-budget", tune_budget), ("--jobs", jobs), ("--threads", threads)):
         if value is not None and value < 1:
@@ -222,6 +230,7 @@ def run_comparison(
     specs = parse_specs(spec_texts)
     check_model_config(cfg.model)
     check_scheduler(cfg.scheduler, cfg.train.epochs)
+    check_runner_options(jobs=jobs, vectorize=vectorize, backend=backend)
     if tune_lr and cfg.data.val_fraction == 0:
         raise UserError("--tune-lr: needs a validation split; set data.val_fraction > 0")
     device = resolve_device(cfg.device)
@@ -230,13 +239,16 @@ def run_comparison(
         on_plan(len(specs) * (len(seed_list) + (tune_budget if tune_lr else 0)))
     with (
         torch_settings(cfg, threads=threads if jobs == 1 else None),
-        make_runner(cfg, device=device, jobs=jobs, threads=threads, callbacks=callbacks) as runner,
+        make_runner(
+            cfg, device=device, jobs=jobs, threads=threads, vectorize=vectorize, backend=backend, callbacks=callbacks
+        ) as runner,
     ):
         tuning, tune_trials = (
             tune_learning_rates(specs, budget=tune_budget, seed=seed_list[0], runner=runner) if tune_lr else (None, [])
         )
         plan = [(spec, seed) for seed in seed_list for spec in specs]
         trials = [Trial(spec.label, seed, h) for (spec, seed), h in zip(plan, runner.run(plan), strict=True)]
+        notes = list(getattr(runner, "notes", []))
     task = "classification" if cfg.data.name == "mnist" else "regression"
     comparison = build_comparison(
         specs,
@@ -249,15 +261,38 @@ def run_comparison(
         epoch_seconds=sum(e.seconds for t in tune_trials + trials for e in t.history.epochs),
     )
     run_dir = create_run_dir(cfg.out_dir, cfg.name, prefix="compare-")
+    comparison.notes = notes
     comparison.run_dir = str(run_dir)
     comparison.wall_seconds = time.perf_counter() - started
     write_comparison(to_yaml(cfg), comparison, run_dir)
     return comparison
 
 
+def check_runner_options(*, jobs: int, vectorize: bool, backend: str) -> None:
+    if backend not in ("local", "ray"):
+        raise UserError(f"--backend: must be local or ray (got {backend!r})")
+    if backend == "ray" and jobs > 1:
+        raise UserError("--jobs: runs trials on this machine; with --backend ray every trial is a Ray task (drop --jobs)")
+    if vectorize and (jobs > 1 or backend == "ray"):
+        raise UserError("--vectorize: stacks the seeds in this process; drop --jobs and --backend ray")
+
+
 def make_runner(
-    cfg: Config, *, device, jobs: int, threads: int | None, callbacks: TrialCallbacks | None
+    cfg: Config,
+    *,
+    device,
+    jobs: int,
+    threads: int | None,
+    vectorize: bool = False,
+    backend: str = "local",
+    callbacks: TrialCallbacks | None,
 ) -> TrialRunner:
+    if backend == "ray":
+        return RayRunner(cfg, threads=threads, callbacks=callbacks)
+    if vectorize:
+        from optcli.vectorized import StackedRunner
+
+        return StackedRunner(cfg, load_data(cfg.data, device), callbacks)
     if jobs > 1:
         return ProcessPoolRunner(cfg, jobs=jobs, threads=threads, callbacks=callbacks)
     return SerialRunner(cfg, load_data(cfg.data, device), callbacks)  # the data is loaded once for every trial

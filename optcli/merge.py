@@ -64,6 +64,7 @@ def merge_comparisons(run_dirs: list[str], *, out_dir: str = "runs", name: str |
             seen[pair] = run_dir
             history = History.from_dict(
                 {k: t[k] for k in ("epochs", "status", "diverged_at", "test_loss", "test_accuracy")}
+                | {"error": t.get("error")}  # absent from summaries written before trials could fail
             )
             trials.append(Trial(t["label"], t["seed"], history))
     seeds = sorted({t.seed for t in trials})

@@ -37,11 +37,16 @@ class Dropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or x.device.type != "cpu":
             return super().forward(x)
-        threshold = round(self.p * 32768)
-        bits = torch.empty(x.numel() // 4 + 1, dtype=torch.int64).random_()
-        chunks = bits.view(torch.int16)[: x.numel()].view(x.shape) & 0x7FFF
-        mask = (chunks >= threshold).to(x.dtype).mul_(32768 / (32768 - threshold))
-        return x * mask
+        return x * dropout_mask(x, self.p)
+
+
+def dropout_mask(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Dropout's scaled keep mask for `x` on CPU, drawn from `generator` (torch's global one by default): one
+    draw of x.numel() // 4 + 1 random int64s, so a run's masks are a function of its generator's seed alone."""
+    threshold = round(p * 32768)
+    bits = torch.empty(x.numel() // 4 + 1, dtype=torch.int64).random_(generator=generator)
+    chunks = bits.view(torch.int16)[: x.numel()].view(x.shape) & 0x7FFF
+    return (chunks >= threshold).to(x.dtype).mul_(32768 / (32768 - threshold))
 
 
 class MLP(nn.Sequential):

@@ -38,10 +38,11 @@ class EpochMetrics:
 @dataclass
 class History:
     epochs: list[EpochMetrics] = field(default_factory=list)
-    status: str = "running"  # completed | diverged | interrupted
+    status: str = "running"  # completed | diverged | interrupted | failed
     diverged_at: dict | None = None  # {"epoch": e, "step": s} of the first non-finite loss
     test_loss: float | None = None
     test_accuracy: float | None = None
+    error: str | None = None  # why a trial failed (its task raised or was lost, after one retry)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -8,8 +8,11 @@ same threads per trial give bit-identical results.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
+import signal
+import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -17,6 +20,7 @@ from typing import Any
 
 from optcli.build import build_model_and_optimizer, seed_torch
 from optcli.config import Config, OptimizerConfig, optimizer_config
+from optcli.errors import UserError
 from optcli.tasks import Data
 from optcli.train import History, fit
 
@@ -141,3 +145,95 @@ class ProcessPoolRunner(TrialRunner):
 
     def close(self) -> None:
         self.pool.shutdown(cancel_futures=True)
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--backend ray needs optcli[ray]: pip install 'optcli[ray]'") from None
+    return ray
+
+
+_ray_worker: dict[str, Any] = {}
+
+
+def _ray_trial(cfg_json: dict, spec: OptimizerSpec, seed: int, threads: int) -> History:
+    """One trial in a Ray worker: the data are loaded once per worker process and config, as in a pool worker."""
+    import torch
+
+    from optcli.tasks import load_data
+    from optcli.model import resolve_device
+
+    cfg = Config.model_validate(cfg_json)
+    torch.set_flush_denormal(cfg.train.flush_denormal)
+    torch.set_num_threads(threads)
+    key = json.dumps([cfg_json["data"], cfg_json["device"]], sort_keys=True)
+    if _ray_worker.get("key") != key:
+        _ray_worker["data"] = load_data(cfg.data, resolve_device(cfg.device))
+        _ray_worker["key"] = key
+    return run_trial(cfg, _ray_worker["data"], spec, seed)
+
+
+class RayRunner(TrialRunner):
+    """Every trial a Ray task asking for `threads` CPUs (and a GPU when the config trains on CUDA), on the cluster
+    that RAY_ADDRESS names, a Ray instance this process already joined, or a local one started here. Results come
+    back to this process, which writes the run directory. A task that fails or whose worker is lost is retried
+    once, then its trial is marked failed; Ctrl-C or SIGTERM cancels the tasks still pending."""
+
+    def __init__(self, cfg: Config, *, threads: int | None = None, callbacks: TrialCallbacks | None = None):
+        super().__init__(callbacks)
+        self.ray = import_ray()
+        self.started = not self.ray.is_initialized()
+        if self.started:  # joins RAY_ADDRESS when it is set, else starts a local instance on this machine's cores
+            self.ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        self.cfg_json = cfg.model_dump(mode="json")
+        self.threads = threads or 1
+        gpus = cfg.device.startswith("cuda") or (
+            cfg.device == "auto" and self.ray.cluster_resources().get("GPU", 0) > 0
+        )
+        self.task = self.ray.remote(_ray_trial).options(
+            num_cpus=self.threads, num_gpus=1 if gpus else 0, max_retries=1, retry_exceptions=True
+        )
+
+    def run(self, plan: Plan) -> list[History]:
+        ray = self.ray
+        refs = [self.task.remote(self.cfg_json, spec, seed, self.threads) for spec, seed in plan]
+        pending = {ref: i for i, ref in enumerate(refs)}
+        results: list[History | None] = [None] * len(plan)
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous is signal.SIG_DFL and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_interrupt)  # so that SIGTERM cancels the tasks as Ctrl-C does
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                i = pending.pop(done[0])
+                try:
+                    results[i] = ray.get(done[0])
+                except ray.exceptions.RayError as exc:  # failed twice, or its worker or node lost twice
+                    results[i] = History(status="failed", error=_first_line(exc))
+                spec, seed = plan[i]
+                if self.callbacks.on_trial_done:
+                    self.callbacks.on_trial_done(spec.label, seed, results[i])
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
+        finally:
+            if signal.getsignal(signal.SIGTERM) is _raise_interrupt:
+                signal.signal(signal.SIGTERM, previous)
+        return [h for h in results if h is not None]
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _first_line(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc  # RayTaskError wraps the task's own exception
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}"[:300]

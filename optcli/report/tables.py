@@ -95,7 +95,9 @@ def comparison_table(c) -> Table:
             if not r["diverged_at"]
             else r["status"] + " (" + ", ".join(f"seed {d['seed']} epoch {d['epoch']}" for d in r["diverged_at"]) + ")"
         )
-        cells.append(f"[red]{status}[/]" if r["diverged_at"] else status)
+        failed = r.get("failed") or []
+        status += "".join(f" (seed {f['seed']} failed: {f['error']})" for f in failed)
+        cells.append(f"[red]{status}[/]" if r["diverged_at"] or failed else status)
         table.add_row(*cells)
     return table
 
@@ -153,6 +155,8 @@ def tuning_table(tuning: dict) -> Table:
 def print_comparison(c) -> None:
     if c.tuning:
         console.print(tuning_table(c.tuning))
+    for note in c.notes:
+        console.print(f"[yellow]{note}[/]")
     console.print(comparison_table(c))
     console.print(curve_table(c))
     console.print("[bold]Verdict[/]")
