@@ -272,7 +272,9 @@ def check_runner_options(*, jobs: int, vectorize: bool, backend: str) -> None:
     if backend not in ("local", "ray"):
         raise UserError(f"--backend: must be local or ray (got {backend!r})")
     if backend == "ray" and jobs > 1:
-        raise UserError("--jobs: runs trials on this machine; with --backend ray every trial is a Ray task (drop --jobs)")
+        raise UserError(
+            "--jobs: runs trials on this machine; with --backend ray every trial is a Ray task (drop --jobs)"
+        )
     if vectorize and (jobs > 1 or backend == "ray"):
         raise UserError("--vectorize: stacks the seeds in this process; drop --jobs and --backend ray")
 

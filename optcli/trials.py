@@ -162,8 +162,8 @@ def _ray_trial(cfg_json: dict, spec: OptimizerSpec, seed: int, threads: int) -> 
     """One trial in a Ray worker: the data are loaded once per worker process and config, as in a pool worker."""
     import torch
 
-    from optcli.tasks import load_data
     from optcli.model import resolve_device
+    from optcli.tasks import load_data
 
     cfg = Config.model_validate(cfg_json)
     torch.set_flush_denormal(cfg.train.flush_denormal)
@@ -192,6 +192,7 @@ class RayRunner(TrialRunner):
         gpus = cfg.device.startswith("cuda") or (
             cfg.device == "auto" and self.ray.cluster_resources().get("GPU", 0) > 0
         )
+        self.cancelled: list = []  # the tasks cancelled by an interruption
         self.task = self.ray.remote(_ray_trial).options(
             num_cpus=self.threads, num_gpus=1 if gpus else 0, max_retries=1, retry_exceptions=True
         )
@@ -209,14 +210,16 @@ class RayRunner(TrialRunner):
                 done, _ = ray.wait(list(pending), num_returns=1)
                 i = pending.pop(done[0])
                 try:
-                    results[i] = ray.get(done[0])
+                    history = ray.get(done[0])
                 except ray.exceptions.RayError as exc:  # failed twice, or its worker or node lost twice
-                    results[i] = History(status="failed", error=_first_line(exc))
+                    history = History(status="failed", error=_first_line(exc))
+                results[i] = history
                 spec, seed = plan[i]
                 if self.callbacks.on_trial_done:
-                    self.callbacks.on_trial_done(spec.label, seed, results[i])
+                    self.callbacks.on_trial_done(spec.label, seed, history)
         except BaseException:
-            for ref in pending:
+            self.cancelled = list(pending)
+            for ref in self.cancelled:
                 ray.cancel(ref, force=True)
             raise
         finally:

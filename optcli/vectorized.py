@@ -18,10 +18,10 @@ Where stacking could change a result, `stacking_refusal` says why in one line an
 from __future__ import annotations
 
 import importlib
-from collections import OrderedDict
 import json
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -29,9 +29,9 @@ from torch import nn
 
 from optcli.build import seed_torch
 from optcli.config import Config
-from optcli.tasks import Data, Split, epoch_permutation
 from optcli.model import MLP, build_model, dropout_mask
 from optcli.optim import build_optimizer, build_scheduler, resolve_optimizer, scheduler_classes
+from optcli.tasks import Data, Split, epoch_permutation
 from optcli.train import EVAL_BATCH, EpochMetrics, History, make_loss
 from optcli.trials import OptimizerSpec, Plan, TrialCallbacks, TrialRunner, run_trial
 
@@ -192,17 +192,23 @@ def _evaluate(model: StackedMLP, loss_fn, split: Split, seeds: int) -> list[tupl
     return [(total / len(split), (correct / len(split) if classify else None)) for total, correct in sums.tolist()]
 
 
+def build_stacked_model(cfg: Config, data: Data, seeds: list[int]) -> StackedMLP:
+    """Each seed's model built as build_model_and_optimizer builds it (seed, then build), then stacked."""
+    device = data.train.x.device
+    models = []
+    for seed in seeds:
+        seed_torch(seed)
+        models.append(build_model(cfg.model, data.in_features, data.out_features).to(device))
+    return StackedMLP(models, seeds).to(device)
+
+
 def fit_stacked(
     cfg: Config, data: Data, spec: OptimizerSpec, seeds: list[int], *, on_epoch: Callable[[History], None] | None = None
 ) -> list[History]:
     """The histories that `run_trial(cfg, data, spec, seed)` gives for each seed, from one stacked model."""
     cfg = cfg.model_copy(update={"optimizer": spec.config()})
     device = data.train.x.device
-    models = []
-    for seed in seeds:  # build_model_and_optimizer's order: seed, then build
-        seed_torch(seed)
-        models.append(build_model(cfg.model, data.in_features, data.out_features).to(device))
-    model = StackedMLP(models, seeds).to(device)
+    model = build_stacked_model(cfg, data, seeds)
     optimizer = build_optimizer(model, cfg.optimizer, device, fused=cfg.train.fused)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.train.epochs)
     loss_fn = make_loss(cfg)
@@ -223,7 +229,9 @@ def fit_stacked(
             if bad_step is None and val_loss is not None and not math.isfinite(val_loss):
                 bad_step = len(column)
             history = histories[seed]
-            history.epochs.append(EpochMetrics(epoch, column.sum().item() / len(data.train), val_loss, val_acc, lr, seconds))
+            history.epochs.append(
+                EpochMetrics(epoch, column.sum().item() / len(data.train), val_loss, val_acc, lr, seconds)
+            )
             if bad_step is not None:
                 history.status, history.diverged_at = "diverged", {"epoch": epoch, "step": bad_step}
                 diverged.append(s)
@@ -252,7 +260,7 @@ class StackedRunner(TrialRunner):
     def __init__(self, cfg: Config, data: Data, callbacks: TrialCallbacks | None = None):
         super().__init__(callbacks)
         self.cfg, self.data = cfg, data
-        self.notes: list[str] = []
+        self.notes: list[str] = []  # one line per optimizer whose seeds ran the plain path, and why
 
     def run(self, plan: Plan) -> list[History]:
         groups: dict[str, tuple[OptimizerSpec, list[int]]] = {}

@@ -17,7 +17,7 @@ def save_loss_plot(c, path) -> None:
 
     kinds = [
         k for k in ("train_loss", "val_loss") if any(p[0] is not None for cur in c.curves.values() for p in cur[k])
-    ]
+    ] or ["train_loss"]  # an empty frame when no trial has a finite loss (all failed or diverged at once)
     fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
     for ax, kind in zip(axes[0], kinds, strict=True):
         for label, cur in c.curves.items():

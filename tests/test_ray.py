@@ -1,0 +1,79 @@
+"""compare --backend ray on a local Ray instance of 2 CPUs: the same trials, files and verdict as a serial run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from optcli.compare import run_comparison
+from optcli.config import load_config
+from optcli.trials import RayRunner, TrialCallbacks
+from tests.conftest import cli
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # starting Ray takes several seconds
+
+SETS = ["train.epochs=4", "data.samples=32", "data.batch_size=16"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_trials_equal_a_serial_run_with_one_thread(local_ray):
+    cfg = load_config(None, SETS)
+    specs = ["sgd:lr=0.001,momentum=0.9", "adam:lr=0.01", "rmsprop:lr=0.001"]
+    serial = run_comparison(cfg, specs, seeds=2, threads=1)
+    on_ray = run_comparison(cfg, specs, seeds=2, backend="ray")  # 1 CPU per task: one torch thread, as serial
+    # bit-identical: each trial runs the same operations on one thread in either process
+    assert [(t.label, t.seed, t.history.to_dict()["epochs"]) for t in on_ray.trials] != []
+    for a, b in zip(on_ray.trials, serial.trials, strict=True):
+        assert (a.label, a.seed, a.history.status) == (b.label, b.seed, b.history.status)
+        assert [(e.train_loss, e.val_loss, e.lr) for e in a.history.epochs] == [
+            (e.train_loss, e.val_loss, e.lr) for e in b.history.epochs
+        ]
+    assert on_ray.verdicts == serial.verdicts
+    summary = json.loads((__import__("pathlib").Path(on_ray.run_dir) / "summary.json").read_text())
+    assert len(summary["trials"]) == 6 and summary["rows"][0]["status"] == "completed"
+
+
+def test_a_failing_trial_is_marked_failed_in_its_row(local_ray, tmp_path):
+    # MNIST missing on the worker: the task raises, is retried once, and the trial is marked failed
+    cfg = load_config(
+        None, ["data.name=mnist", f"data.root={tmp_path}/none", "data.download=false", "train.loss=cross_entropy"]
+    )
+    c = run_comparison(cfg, ["adam"], seeds=1, backend="ray")
+    assert c.trials[0].history.status == "failed"
+    assert "MNIST not found" in c.trials[0].history.error
+    assert c.rows[0]["status"] == "failed 1/1" and c.verdicts == []
+
+
+def test_an_interruption_cancels_the_pending_tasks(local_ray):
+    cfg = load_config(None, ["train.epochs=300", "data.samples=32"])
+    specs = ["sgd", "adam", "rmsprop", "adagrad"]
+
+    def stop(label, seed, history):
+        raise KeyboardInterrupt
+
+    runner = RayRunner(cfg, callbacks=TrialCallbacks(on_trial_done=stop))
+    from optcli.compare import parse_specs
+
+    plan = [(spec, seed) for seed in range(3) for spec in parse_specs(specs)]
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(plan)
+    assert len(runner.cancelled) == len(plan) - 1
+    for ref in runner.cancelled:
+        with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.WorkerCrashedError)):
+            ray.get(ref, timeout=60)
+
+
+def test_cli_backend_ray(local_ray):
+    result = cli("compare", "sgd", "adam", "--backend", "ray", "--epochs", "2", "--set", "data.samples=16")
+    assert result.exit_code == 0, result.output
+    assert "Verdict" in result.output
+    result = cli("compare", "sgd", "--backend", "ray", "--jobs", "2")
+    assert result.exit_code == 2 and "--jobs" in result.output
