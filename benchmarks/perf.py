@@ -9,7 +9,14 @@ Promises checked (all as ratios measured in this one run, on this machine, never
   2. `optcli --help` and `optcli compare --help` start in at most 0.3 s (median of several starts).
   3. `compare` of 3 optimizers x 3 seeds spends at most 10% of its wall time outside the training epochs.
   4. An MNIST training peaks at most 1.5 GB resident.
-It also reports the speed-up of `compare --jobs 2` over the serial run (no target).
+It also reports the speed-up of `compare --jobs 2` over the serial run (no target), and (no targets either):
+  5. a 3-optimizer x 5-seed comparison on the regression task and on MNIST with model.hidden=[128], with the seeds
+     stacked (`--vectorize`) against the plain path: wall times, ratio, and the largest relative difference of any
+     per-epoch metric;
+  6. that regression comparison's wall time serial, with --jobs 2, and with --backend ray on a local 2-CPU Ray;
+  7. what `optcli train` on the default task costs before it trains: python, import torch, torch._dynamo.
+The epoch section runs once per instruction set the CPU has (AVX2; AVX-512 too where present, by
+ATEN_CPU_CAPABILITY and MKL_ENABLE_INSTRUCTIONS in a child process).
 
 Both loops train on all 60,000 training images (val_fraction 0), after one warm-up epoch; times are medians.
 Run from the repository root:  python benchmarks/perf.py [--data-root ../shared/data] [--epochs 3] [--compile]
@@ -184,37 +191,44 @@ COMPARE_SNIPPET = """
 import json, sys, time, torch
 from optcli.config import load_config
 from optcli.compare import run_comparison
-cfg = load_config(sys.argv[1], sys.argv[4:])
+opts = json.loads(sys.argv[1])
+cfg = load_config(opts["config"], opts["overrides"])
 t0 = time.perf_counter()
-c = run_comparison(cfg, ["sgd", "adam", "rmsprop"], seeds=3, jobs=int(sys.argv[2]), threads=int(sys.argv[3]) or None)
+c = run_comparison(cfg, opts["specs"], seeds=opts["seeds"], jobs=opts["jobs"], threads=opts["threads"] or None,
+                   backend=opts["backend"])
 wall = time.perf_counter() - t0
 print(json.dumps({"wall": wall, "epoch_seconds": c.epoch_seconds, "jobs": c.jobs, "run_dir": c.run_dir,
                   "losses": [[e.train_loss for e in t.history.epochs] for t in c.trials]}))
 """
 
 
-def run_compare(data_root: str, epochs: int, jobs: int, out_dir: str, threads: int = 0) -> dict:
-    overrides = [
-        f"data.root={data_root}",
-        "data.download=false",
-        f"train.epochs={epochs}",
-        f"out_dir={out_dir}",
-        "device=cpu",
-    ]
+def run_compare(
+    data_root: str,
+    epochs: int,
+    jobs: int,
+    out_dir: str,
+    threads: int = 0,
+    *,
+    config: str | None = str(ROOT / "configs" / "mnist_mlp.yaml"),
+    specs: tuple[str, ...] = ("sgd", "adam", "rmsprop"),
+    seeds: int = 3,
+    backend: str = "local",
+) -> dict:
+    """One comparison in a fresh process; its wall time is taken inside, around run_comparison."""
+    overrides = [f"train.epochs={epochs}", f"out_dir={out_dir}", "device=cpu"]
+    if config is not None and "mnist" in config:
+        overrides += [f"data.root={data_root}", "data.download=false"]
+    opts = {
+        "config": config,
+        "overrides": overrides,
+        "specs": list(specs),
+        "seeds": seeds,
+        "jobs": jobs,
+        "threads": threads,
+        "backend": backend,
+    }
     out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            COMPARE_SNIPPET,
-            str(ROOT / "configs" / "mnist_mlp.yaml"),
-            str(jobs),
-            str(threads),
-            *overrides,
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+        [sys.executable, "-c", COMPARE_SNIPPET, json.dumps(opts)], check=True, capture_output=True, text=True, cwd=ROOT
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -251,8 +265,38 @@ def peak_rss_mb(data_root: str, out_dir: str) -> float:
     return int(out.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
 
 
-def epoch_section(data_root: str, args) -> None:
-    print("\n1. MNIST epoch (60,000 images, batch 128, Adam, dropout 0.2)")
+def instruction_sets() -> list[str]:
+    """The instruction sets torch can run here: avx2, and avx512 where the CPU has it."""
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    return ["avx2"] + (["avx512"] if "avx512f" in flags else [])
+
+
+def epoch_sections(data_root: str, args) -> None:
+    """The epoch section once per instruction set: in this process when there is one, else in a child process per
+    set, since torch reads ATEN_CPU_CAPABILITY (and MKL its MKL_ENABLE_INSTRUCTIONS) once, at import."""
+    isas = instruction_sets()
+    if len(isas) == 1 or args.isa_child:
+        return epoch_section(data_root, args, isas[0] if not args.isa_child else args.isa_child)
+    for isa in isas:
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": isa, "MKL_ENABLE_INSTRUCTIONS": isa.upper()}
+        cmd = [sys.executable, __file__, "--only", "epoch", "--isa-child", isa, "--data-root", data_root]
+        out = subprocess.run(cmd + ["--epochs", str(args.epochs)], env=env, capture_output=True, text=True, cwd=ROOT)
+        lines = out.stdout.splitlines()
+        print(
+            "\n".join(line for line in lines if not line.startswith(("machine:", "\n")) and "targets met" not in line)
+        )
+        for line in lines:
+            if line.startswith("  -> "):
+                what, _, rest = line[5:].partition(": ratio ")
+                ratio, target = float(rest.split()[0]), float(rest.split("<= ")[1].split(")")[0])
+                results.append((what, ratio, target, "MET" in rest))
+
+
+def epoch_section(data_root: str, args, isa: str) -> None:
+    print(
+        f"\n1. MNIST epoch (60,000 images, batch 128, Adam, dropout 0.2), {isa.upper()} "
+        f"(torch reports {torch.backends.cpu.get_cpu_capability()})"
+    )
     ours = time_optcli_epochs(data_root, args.epochs)
     print(f"  optcli epoch:     median {statistics.median(ours):.3f} s  (each: {', '.join(f'{t:.3f}' for t in ours)})")
     canonical = time_canonical_epochs(data_root, max(2, args.epochs - 1))
@@ -265,8 +309,8 @@ def epoch_section(data_root: str, args) -> None:
         f"  compute limit:    {limit:.3f} s  ({flops / 1e9:.1f} GFLOP of matmuls at {flops / limit / 1e9:.1f} GFLOP/s "
         f"measured per shape with torch.matmul)"
     )
-    check("optcli / canonical epoch", statistics.median(ours) / statistics.median(canonical), 0.30)
-    check("optcli epoch / compute limit", statistics.median(ours) / limit, 1.5)
+    check(f"optcli / canonical epoch ({isa})", statistics.median(ours) / statistics.median(canonical), 0.30)
+    check(f"optcli epoch / compute limit ({isa})", statistics.median(ours) / limit, 1.5)
     if args.compile:
         compiled = time_optcli_epochs(data_root, args.epochs, "train.compile=true")
         print(
@@ -307,6 +351,105 @@ def compare_section(data_root: str, args, out_dir: str) -> None:
         results.append(("--jobs 2 identical to serial --threads 1", 1.0, 0.0, False))
 
 
+SPECS = ("sgd:lr=0.01,momentum=0.9", "adam", "rmsprop:lr=0.001")  # 3 elementwise optimizers
+
+
+def largest_difference(a, b) -> float:
+    """The largest relative difference of any per-epoch metric (and the test metrics) between two comparisons."""
+    worst = 0.0
+    for ta, tb in zip(a.trials, b.trials, strict=True):
+        pairs = [
+            (getattr(ea, k), getattr(eb, k))
+            for ea, eb in zip(ta.history.epochs, tb.history.epochs, strict=True)
+            for k in ("train_loss", "val_loss", "val_accuracy")
+        ]
+        pairs += [(ta.history.test_loss, tb.history.test_loss), (ta.history.test_accuracy, tb.history.test_accuracy)]
+        for x, y in pairs:
+            if x is not None and y is not None and x != y:
+                worst = max(worst, abs(x - y) / max(abs(x), abs(y)))
+    return worst
+
+
+def vectorized_section(data_root: str, args, out_dir: str) -> None:
+    from optcli.compare import run_comparison
+
+    print("\n5. 3 optimizers x 5 seeds, the seeds stacked (--vectorize) against the plain path (this process)")
+    run_comparison(load_config(None, ["train.epochs=2", f"out_dir={out_dir}"]), ["adam"], seeds=2)  # warm-up
+    tasks = [
+        ("regression (default task)", None, []),
+        (
+            f"MNIST, model.hidden=[128], {args.compare_epochs} epochs",
+            ROOT / "configs" / "mnist_mlp.yaml",
+            [
+                f"data.root={data_root}",
+                "data.download=false",
+                "model.hidden=[128]",
+                f"train.epochs={args.compare_epochs}",
+            ],
+        ),
+    ]
+    for name, config, extra in tasks:
+        cfg = load_config(config, [*extra, f"out_dir={out_dir}", "device=cpu"])
+        t0 = time.perf_counter()
+        plain = run_comparison(cfg, list(SPECS), seeds=5)
+        t1 = time.perf_counter()
+        stacked = run_comparison(cfg, list(SPECS), seeds=5, vectorize=True)
+        t2 = time.perf_counter()
+        print(
+            f"  {name}: plain {t1 - t0:.1f} s, vectorized {t2 - t1:.1f} s, speed-up {(t1 - t0) / (t2 - t1):.2f}x; "
+            f"largest per-epoch metric difference {largest_difference(plain, stacked):.2e} (relative)"
+            + (f"; notes: {stacked.notes}" if stacked.notes else "")
+        )
+
+
+def backend_section(data_root: str, out_dir: str) -> None:
+    print("\n6. the 3 x 5 regression comparison (default task, fresh process each; wall time of run_comparison)")
+    walls = {}
+    for what, jobs, backend in (("serial", 1, "local"), ("--jobs 2", 2, "local"), ("--backend ray", 1, "ray")):
+        r = run_compare(data_root, 500, jobs, out_dir, config=None, specs=SPECS, seeds=5, backend=backend)
+        walls[what] = r["wall"]
+        extra = (
+            " (local Ray instance of this machine's 2 CPUs, 1 CPU per trial, started inside)"
+            if backend == "ray"
+            else ""
+        )
+        print(f"  {what}: wall {r['wall']:.1f} s, {walls['serial'] / r['wall']:.2f}x the serial speed{extra}")
+
+
+def startup_section(out_dir: str) -> None:
+    print("\n7. What `optcli train` (the default task) costs before it trains (median of 3 fresh processes)")
+    probes = [
+        ("python -c pass", [sys.executable, "-c", "pass"]),
+        ("import torch", [sys.executable, "-c", "import torch"]),
+        ("import torch, torch._dynamo", [sys.executable, "-c", "import torch, torch._dynamo"]),
+    ]
+    for what, cmd in probes:
+        t = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, cwd=ROOT)
+            t.append(time.perf_counter() - t0)
+        print(f"  {what}: {statistics.median(t):.2f} s")
+    walls, trains = [], []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        out = subprocess.run(
+            [sys.executable, "-m", "optcli", "train", "--json", "--set", f"out_dir={out_dir}"],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        walls.append(time.perf_counter() - t0)
+        summary = json.loads(out.stdout.strip().splitlines()[-1])
+        trains.append(summary["seconds_per_epoch"] * summary["epochs_completed"])
+    wall, train = statistics.median(walls), statistics.median(trains)
+    print(
+        f"  optcli train: wall {wall:.2f} s, of which training epochs {train:.2f} s, before/after training "
+        f"{wall - train:.2f} s"
+    )
+
+
 def memory_section(data_root: str, out_dir: str) -> None:
     print("\n4. Peak memory of `optcli train -c configs/mnist_mlp.yaml` (1 epoch)")
     rss = peak_rss_mb(data_root, out_dir)
@@ -323,10 +466,11 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="also time train.compile=true")
     parser.add_argument(
         "--only",
-        choices=["epoch", "cli", "compare", "memory"],
+        choices=["epoch", "cli", "compare", "memory", "vectorize", "backends", "startup"],
         action="append",
         help="run only these sections (repeatable); all by default",
     )
+    parser.add_argument("--isa-child", help=argparse.SUPPRESS)  # the epoch section for one instruction set
     args = parser.parse_args()
     data_root = str(Path(args.data_root).resolve())
     if not (Path(data_root) / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
@@ -337,11 +481,17 @@ def main() -> int:
 
     run = lambda section: not args.only or section in args.only  # noqa: E731
     if run("epoch"):
-        epoch_section(data_root, args)
+        epoch_sections(data_root, args)
     if run("cli"):
         cli_section()
     if run("compare"):
         compare_section(data_root, args, out_dir)
+    if run("vectorize"):
+        vectorized_section(data_root, args, out_dir)
+    if run("backends"):
+        backend_section(data_root, out_dir)
+    if run("startup"):
+        startup_section(out_dir)
     if run("memory"):
         memory_section(data_root, out_dir)
     missed = [r for r in results if not r[3]]
