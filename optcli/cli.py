@@ -237,6 +237,46 @@ def inspect_params(
     show(result.to_dict(), json_out, lambda: print_inspection(result))
 
 
+@app.command("lr-find")
+@user_errors
+def lr_find(
+    config: Path | None = ConfigOpt,
+    set_: list[str] | None = SetOpt,
+    optimizer: str | None = typer.Option(
+        None, "--optimizer", metavar="SPEC", help="Optimizer spec instead of the config's, e.g. sgd:momentum=0.9."
+    ),
+    min_lr: float = typer.Option(1e-7, "--min-lr", metavar="LR", help="First learning rate."),
+    max_lr: float = typer.Option(10.0, "--max-lr", metavar="LR", help="Last learning rate."),
+    steps: int = typer.Option(100, "--steps", metavar="N", help="Training steps, the lr rising exponentially."),
+    smoothing: float = typer.Option(0.98, "--smoothing", metavar="BETA", help="EMA factor of the smoothed loss."),
+    diverge: float = typer.Option(4.0, "--diverge", metavar="X", help="Stop once the loss exceeds X times its min."),
+    rule: str = typer.Option("steepest", "--rule", help="Suggestion: steepest (descent) or minimum (lr at min / 10)."),
+    plot: Path = typer.Option(Path("lr_find.png"), "--plot", metavar="FILE", help="Where to write the plot."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Learning-rate range test: train a fresh model with the lr rising from --min-lr to --max-lr, suggest an lr.
+
+    Example: optcli lr-find -c configs/mnist_mlp.yaml --optimizer sgd:momentum=0.9
+    """
+    from optcli.config import load_config
+    from optcli.lr_find import lr_find as run_lr_find
+    from optcli.report.tables import print_lr_find
+
+    cfg = load_config(config, set_ or [])
+    result = run_lr_find(
+        cfg,
+        optimizer_spec=optimizer,
+        min_lr=min_lr,
+        max_lr=max_lr,
+        steps=steps,
+        beta=smoothing,
+        diverge=diverge,
+        rule=rule,
+        plot=plot,
+    )
+    show(result.to_dict(), json_out, lambda: print_lr_find(result))
+
+
 @app.command()
 @user_errors
 def optimizers(json_out: bool = JsonOpt) -> None:

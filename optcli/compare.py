@@ -17,6 +17,7 @@ import torch
 from optcli.build import torch_settings
 from optcli.config import Config, optimizer_config, to_yaml
 from optcli.errors import UserError
+from optcli.loggers import TENSORBOARD_DIR, check_loggers, trial_dir_name, write_history
 from optcli.model import check_model_config, resolve_device
 from optcli.optim import (
     check_kwargs,
@@ -148,6 +149,7 @@ def trial_metrics(history: History) -> dict[str, float | None]:
         "test_accuracy": history.test_accuracy,
         "epochs_to_best": best.epoch if best else None,
         "seconds_per_epoch": statistics.fmean(e.seconds for e in history.epochs) if history.epochs else None,
+        "state_bytes": last.dynamics["state_bytes"] if last and last.dynamics else None,
     }
 
 
@@ -163,7 +165,7 @@ def aggregate(specs: list[OptimizerSpec], trials: list[Trial]) -> list[dict]:
             "seeds": len(mine),
             "completed": len(done),
         }
-        for key in [m[0] for m in METRICS] + ["epochs_to_best", "seconds_per_epoch"]:
+        for key in [m[0] for m in METRICS] + ["epochs_to_best", "seconds_per_epoch", "state_bytes"]:
             values = [v for t in done if (v := trial_metrics(t.history)[key]) is not None]
             row[key], row[key + "_std"] = mean_std(values)
         diverged = [t for t in mine if t.history.status == "diverged"]
@@ -231,6 +233,7 @@ def run_comparison(
     check_model_config(cfg.model)
     check_scheduler(cfg.scheduler, cfg.train.epochs)
     check_runner_options(jobs=jobs, vectorize=vectorize, backend=backend)
+    check_loggers(cfg)
     if tune_lr and cfg.data.val_fraction == 0:
         raise UserError("--tune-lr: needs a validation split; set data.val_fraction > 0")
     device = resolve_device(cfg.device)
@@ -265,6 +268,9 @@ def run_comparison(
     comparison.run_dir = str(run_dir)
     comparison.wall_seconds = time.perf_counter() - started
     write_comparison(to_yaml(cfg), comparison, run_dir)
+    if "tensorboard" in cfg.train.loggers:
+        for t in trials:
+            write_history(run_dir / TENSORBOARD_DIR / trial_dir_name(t.label, t.seed), t.history)
     return comparison
 
 
@@ -330,12 +336,14 @@ def build_comparison(
 
 def write_comparison(config_yaml: str, comparison: Comparison, run_dir) -> None:
     atomic_write_text(run_dir / "config.yaml", config_yaml + yaml_specs(comparison))
-    rows = [{"optimizer": t.label, "seed": t.seed, **vars(e)} for t in comparison.trials for e in t.history.epochs]
+    rows = [{"optimizer": t.label, "seed": t.seed, **e.csv_row()} for t in comparison.trials for e in t.history.epochs]
     write_csv(run_dir / "metrics.csv", rows)
     write_json(run_dir / "summary.json", comparison.to_dict())
-    from optcli.report.plots import save_loss_plot  # matplotlib is imported only when a comparison is written
+    from optcli.report.plots import save_dynamics_plot, save_loss_plot  # matplotlib only when a comparison is written
 
     save_loss_plot(comparison, run_dir / "loss.png")
+    if any(e.dynamics for t in comparison.trials for e in t.history.epochs):
+        save_dynamics_plot(comparison, run_dir / "dynamics.png")
 
 
 def yaml_specs(comparison: Comparison) -> str:

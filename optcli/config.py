@@ -118,6 +118,9 @@ class SchedulerConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+Logger = Literal["csv", "tensorboard"]
+
+
 class TrainConfig(Section):
     epochs: int = Field(500, gt=0)
     loss: Literal["cross_entropy", "mse"] = "mse"
@@ -128,6 +131,9 @@ class TrainConfig(Section):
     flush_denormal: bool = True  # flush subnormal floats to zero on CPU (Adam's exp_avg decays into them; slow on x86)
     compile: bool = False  # torch.compile the model (measured slower on these CPUs; see README)
     log_every: int = Field(0, ge=0)  # table row every k epochs; 0 picks about 20 rows
+    loggers: list[Logger] = Field(default_factory=lambda: list[Logger](["csv"]))  # see loggers.py
+    log_steps: bool = False  # tensorboard: also the loss of every step
+    dynamics: bool = True  # per layer and epoch: gradient norm, update-to-weight ratio, step size (dynamics.py)
 
 
 class Config(Section):

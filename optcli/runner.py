@@ -15,7 +15,9 @@ from optcli import distributed
 from optcli.build import build_model_and_optimizer, torch_settings
 from optcli.config import Config, load_config, to_yaml
 from optcli.distributed import SINGLE, Dist
+from optcli.dynamics import Dynamics
 from optcli.errors import RunInterrupted, UserError
+from optcli.loggers import check_loggers, make_loggers
 from optcli.model import check_model_config, resolve_device
 from optcli.optim import check_optimizer, check_scheduler, needs_closure, resolve_optimizer
 from optcli.runs import (
@@ -49,6 +51,7 @@ def preflight(cfg: Config, dist: Dist = SINGLE) -> torch.device:
     check_model_config(cfg.model)
     check_optimizer(cfg.optimizer)
     check_scheduler(cfg.scheduler, cfg.train.epochs)
+    check_loggers(cfg)
     if dist.enabled:
         if cfg.data.batch_size % dist.world:
             raise UserError(
@@ -130,10 +133,18 @@ class RunWriter:
             self.write_metrics(history)
         self.last_write = time.monotonic()
 
+    def write_plot(self, history: History | None = None) -> None:
+        """loss.png next to the metrics: train and validation loss, accuracy, lr."""
+        from optcli.report.plots import save_run_plot  # matplotlib only once a run has something to draw
+
+        history = history or self.history
+        if history.epochs:
+            save_run_plot(history, self.run_dir / "loss.png")
+
     def write_metrics(self, history: History) -> None:
-        rows = [vars(e) for e in history.epochs]
-        write_csv(self.run_dir / "metrics.csv", rows)
-        write_jsonl(self.run_dir / "metrics.jsonl", rows)
+        if "csv" in self.cfg.train.loggers:
+            write_csv(self.run_dir / "metrics.csv", [e.csv_row() for e in history.epochs])
+            write_jsonl(self.run_dir / "metrics.jsonl", [vars(e) for e in history.epochs])
         write_json(
             self.run_dir / "summary.json",
             summarize(
@@ -191,6 +202,10 @@ def _train(
     else:
         on_epoch = on_batch = None
 
+    callbacks: list = [Dynamics(model, optimizer)] if cfg.train.dynamics else []
+    if writer is not None:
+        callbacks += make_loggers(cfg, writer.run_dir, n_train=len(data.train))
+
     def epoch_done(h: History) -> None:
         if writer is not None:
             writer.epoch_done(
@@ -212,14 +227,20 @@ def _train(
             on_batch=on_batch,
             train_model=train_model,
             dist=dist,
+            callbacks=callbacks,
         )
     except KeyboardInterrupt:
         if writer is None:
             raise
         writer.flush(status="interrupted")
+        writer.write_plot()
         raise RunInterrupted(str(writer.run_dir)) from None
+    finally:
+        for callback in callbacks:
+            callback.close()
     if writer is not None:
         writer.flush(history=history)  # the final status and the test metrics
+        writer.write_plot(history)
     summary = summarize(cfg, history, device=device, seconds=time.perf_counter() - started, world=dist.world)
     return TrainResult(writer.run_dir if writer else None, history, summary, start_epoch, dist.primary)
 

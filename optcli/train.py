@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -33,6 +34,11 @@ class EpochMetrics:
     val_accuracy: float | None
     lr: float  # the learning rate used during this epoch (first param group)
     seconds: float
+    dynamics: dict | None = None  # per layer: gradient norm, update-to-weight ratio, step size (dynamics.py)
+
+    def csv_row(self) -> dict:
+        """The flat columns of metrics.csv; the nested dynamics go to metrics.jsonl only."""
+        return {k: v for k, v in vars(self).items() if k != "dynamics"}
 
 
 @dataclass
@@ -55,6 +61,13 @@ class History:
         """The epoch with the lowest validation loss (train loss when there is no validation split)."""
         finite = [e for e in self.epochs if math.isfinite(_score(e))]
         return min(finite, key=_score) if finite else None
+
+
+class EpochCallback(Protocol):
+    """Called by fit after each epoch, before the epoch joins the history: loggers and measurements.
+    `step_losses` holds each batch's loss summed over its samples, on the device."""
+
+    def epoch_end(self, metrics: EpochMetrics, step_losses: torch.Tensor) -> None: ...
 
 
 def _score(e: EpochMetrics) -> float:
@@ -159,6 +172,7 @@ def fit(
     on_batch: Callable[[int, int, int], None] | None = None,
     train_model: nn.Module | None = None,
     dist: Dist = SINGLE,
+    callbacks: Sequence[EpochCallback] = (),
 ) -> History:
     """Train from the epoch after the last one in `history` to cfg.train.epochs. `train_model` is the module
     run forward in training (a DDP or torch.compile wrapper of `model`), `model` the one evaluated and saved."""
@@ -196,7 +210,10 @@ def fit(
             scheduler.step(val_loss if val_loss is not None else train_loss) if is_plateau(
                 scheduler
             ) else scheduler.step()
-        history.epochs.append(EpochMetrics(epoch, train_loss, val_loss, val_acc, lr, time.perf_counter() - t0))
+        metrics = EpochMetrics(epoch, train_loss, val_loss, val_acc, lr, time.perf_counter() - t0)
+        for callback in callbacks:
+            callback.epoch_end(metrics, losses)
+        history.epochs.append(metrics)
         if bad_step is not None:
             history.status, history.diverged_at = "diverged", {"epoch": epoch, "step": bad_step}
         if on_epoch is not None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from optcli.build import build_model_and_optimizer, seed_torch
 from optcli.config import Config, OptimizerConfig, optimizer_config
+from optcli.dynamics import Dynamics
 from optcli.errors import UserError
 from optcli.tasks import Data
 from optcli.train import History, fit
@@ -55,7 +56,12 @@ def run_trial(
     cfg = cfg.model_copy(update={"seed": seed, "optimizer": spec.config()})
     model, optimizer, scheduler = build_model_and_optimizer(cfg, data, data.train.x.device)
     seed_torch(seed)  # the same dropout masks for every optimizer of this seed
-    return fit(cfg, model, optimizer, scheduler, data, on_epoch=on_epoch)
+    callbacks = [Dynamics(model, optimizer)] if cfg.train.dynamics else []
+    try:
+        return fit(cfg, model, optimizer, scheduler, data, on_epoch=on_epoch, callbacks=callbacks)
+    finally:
+        for callback in callbacks:
+            callback.close()
 
 
 class TrialRunner:

@@ -30,6 +30,17 @@ def mean_pm(mean: float | None, std: float | None, as_pct: bool = False) -> str:
     return fmt(mean) + (f" ± {std:.2g}" if std is not None else "")
 
 
+def nbytes(value: float | None) -> str:
+    """Bytes in binary units: 0 B, 512 B, 2.6 MiB."""
+    if value is None:
+        return "—"
+    for unit in ("B", "KiB", "MiB"):
+        if abs(value) < 1024 or unit == "MiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
 SPARKS = "▁▂▃▄▅▆▇█"
 
 

@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+import math
 
-def save_loss_plot(c, path) -> None:
-    """loss.png: mean loss per optimizer with the seed spread (min to max over seeds) as a band, log scale;
-    train and validation side by side."""
-    import io
 
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path) -> None:
+    """The figure as a PNG, written atomically; the figure is closed."""
+    import io
+
     from optcli.runs import atomic_write_bytes
 
+    plt = _pyplot()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def save_loss_plot(c, path) -> None:
+    """loss.png: mean loss per optimizer with the seed spread (min to max over seeds) as a band, log scale;
+    train and validation side by side."""
+    plt = _pyplot()
     kinds = [
         k for k in ("train_loss", "val_loss") if any(p[0] is not None for cur in c.curves.values() for p in cur[k])
     ] or ["train_loss"]  # an empty frame when no trial has a finite loss (all failed or diverged at once)
@@ -37,7 +53,109 @@ def save_loss_plot(c, path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _save(fig, path)
+
+
+def save_lr_find_plot(r, path) -> None:
+    """lr_find.png: the raw and smoothed loss against the lr (log x), the suggestion and the lowest loss marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if r.lrs:
+        ax.plot(r.lrs[: len(r.losses)], r.losses, color="0.75", linewidth=1, label="batch loss")
+        ax.plot(r.lrs[: len(r.smoothed)], r.smoothed, color="C0", linewidth=2, label="smoothed")
+    if r.suggestion is not None:
+        ax.axvline(r.suggestion, color="C3", linestyle="--", label=f"suggestion ({r.rule}): {r.suggestion:.2e}")
+        ax.plot([r.suggestion], [r.smoothed[r.suggestion_index]], "o", color="C3")
+    if r.min_loss_lr is not None:
+        ax.axvline(r.min_loss_lr, color="0.4", linestyle=":", label=f"lowest loss: {r.min_loss_lr:.2e}")
+    ax.set_xscale("log")
+    if r.smoothed and min(r.smoothed) > 0:
+        ax.set_yscale("log")
+        top = max(r.smoothed[0], min(r.smoothed) * 4)
+        ax.set_ylim(min(min(r.smoothed), min(r.losses)) * 0.8, top * 1.5)
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"Learning-rate range test: {r.optimizer}, {len(r.smoothed)} steps, stopped at {r.stopped}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def save_run_plot(history, path) -> None:
+    """loss.png of one training run: train and validation loss on a log scale with the lr on its own (right,
+    log) axis; validation accuracy in a second panel when the task has one."""
+    plt = _pyplot()
+    epochs = history.epochs
+    has_acc = any(e.val_accuracy is not None for e in epochs)
+    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(12 if has_acc else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
+    for key, label, color in (("train_loss", "train loss", "C0"), ("val_loss", "validation loss", "C1")):
+        pts = [(e.epoch, v) for e in epochs if (v := getattr(e, key)) is not None and math.isfinite(v) and v > 0]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), color=color, label=label, marker="." if len(pts) < 30 else None)
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (log scale)")
+    ax.grid(True, which="both", alpha=0.3)
+    lr_ax = ax.twinx()
+    lrs = [(e.epoch, e.lr) for e in epochs if e.lr > 0]
+    if lrs:
+        lr_ax.plot(*zip(*lrs, strict=True), color="0.5", linestyle="--", linewidth=1, label="lr")
+        lr_ax.set_yscale("log")
+    lr_ax.set_ylabel("learning rate (log scale)", color="0.4")
+    lines = ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
+    ax.legend(lines, [str(line.get_label()) for line in lines], loc="upper right")
+    title = f"Training run: {len(epochs)} epochs, {history.status}"
+    ax.set_title(title)
+    if has_acc:
+        acc = axes[0][1]
+        pts = [(e.epoch, 100 * e.val_accuracy) for e in epochs if e.val_accuracy is not None]
+        acc.plot(*zip(*pts, strict=True), color="C2", marker="." if len(pts) < 30 else None)
+        acc.set_xlabel("epoch")
+        acc.set_ylabel("validation accuracy (%)")
+        acc.set_title("Validation accuracy")
+        acc.grid(True, alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+DYNAMICS = (
+    ("grad_norm", "gradient norm ||g|| (RMS over steps)"),
+    ("update_ratio", "update / weight ||Δw||/||w|| (one step)"),
+    ("step_size", "effective step size ||Δw||/||g||"),
+)
+
+
+def save_dynamics_plot(c, path) -> None:
+    """dynamics.png: one row per measure (gradient norm, update-to-weight ratio, effective step size), one column
+    per layer, one line per optimizer (mean over seeds), log scale."""
+    plt = _pyplot()
+    layers = list(
+        dict.fromkeys(layer for t in c.trials for e in t.history.epochs if e.dynamics for layer in e.dynamics["layers"])
+    )
+    fig, axes = plt.subplots(
+        len(DYNAMICS), len(layers), figsize=(4.5 * len(layers) + 1, 3.2 * len(DYNAMICS)), squeeze=False
+    )
+    for row, (key, title) in enumerate(DYNAMICS):
+        for col, layer in enumerate(layers):
+            ax = axes[row][col]
+            for i, spec in enumerate(c.specs):
+                per_epoch: dict[int, list[float]] = {}
+                for t in c.trials:
+                    if t.label != spec.label:
+                        continue
+                    for e in t.history.epochs:
+                        v = (e.dynamics or {}).get("layers", {}).get(layer, {}).get(key)
+                        if v is not None and v > 0:
+                            per_epoch.setdefault(e.epoch, []).append(v)
+                if per_epoch:
+                    x = sorted(per_epoch)
+                    ax.plot(x, [sum(per_epoch[k]) / len(per_epoch[k]) for k in x], color=f"C{i}", label=spec.label)
+            ax.set_yscale("log")
+            ax.set_title(f"{layer}: {title}", fontsize=9)
+            ax.set_xlabel("epoch")
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)

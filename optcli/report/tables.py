@@ -7,7 +7,7 @@ import math
 from rich.table import Table
 
 from optcli.report.console import console
-from optcli.report.format import fmt, mean_pm, pct, sparkline
+from optcli.report.format import fmt, mean_pm, nbytes, pct, sparkline
 
 
 def epochs_table(history, every: int = 0, title: str = "Per-epoch metrics") -> Table:
@@ -78,6 +78,9 @@ def comparison_table(c) -> Table:
         table.add_column(title, justify="right")
     table.add_column("epochs to best", justify="right")
     table.add_column("s/epoch", justify="right")
+    has_state = any(r.get("state_bytes") is not None for r in c.rows)
+    if has_state:
+        table.add_column("optimizer state", justify="right")
     table.add_column("status")
     best = {}
     for key, _, lower, _ in metrics:
@@ -90,6 +93,7 @@ def comparison_table(c) -> Table:
             text = mean_pm(r[key], r[key + "_std"], as_pct)
             cells.append(f"[bold green]{text}[/]" if best.get(key) == r["label"] else text)
         cells += [mean_pm(r["epochs_to_best"], r["epochs_to_best_std"]), fmt(r["seconds_per_epoch"], 3)]
+        cells += [nbytes(r.get("state_bytes"))] if has_state else []
         status = (
             r["status"]
             if not r["diverged_at"]
@@ -172,3 +176,37 @@ def print_comparison(c) -> None:
             + ")"
         )
     console.print(f"files: {c.run_dir}")
+
+
+def lr_find_table(r, rows: int = 12) -> Table:
+    """About `rows` points of the range test, evenly spaced in steps, the suggested one highlighted."""
+    table = Table(title=f"lr range test: {r.optimizer}, lr {fmt(r.min_lr, 2)}→{fmt(r.max_lr, 2)}")
+    table.add_column("step", justify="right")
+    table.add_column("lr", justify="right")
+    table.add_column("loss", justify="right")
+    table.add_column("smoothed", justify="right")
+    n = len(r.smoothed)
+    shown = sorted({round(i * (n - 1) / max(1, rows - 1)) for i in range(rows)} | {r.suggestion_index} - {None})
+    for i in shown if n else []:
+        cells = [str(i + 1), fmt(r.lrs[i], 3), fmt(r.losses[i]), fmt(r.smoothed[i])]
+        table.add_row(*([f"[bold green]{c}[/]" for c in cells] if i == r.suggestion_index else cells))
+    # clipped at the starting loss so that the final blow-up does not flatten the rest of the curve
+    table.caption = "smoothed loss, log scale: " + sparkline([min(v, r.smoothed[0]) for v in r.smoothed] if n else [])
+    return table
+
+
+def print_lr_find(r) -> None:
+    console.print(lr_find_table(r))
+    why = (
+        "steepest descent of the smoothed loss per decade of lr"
+        if r.rule == "steepest"
+        else "the lr of the lowest smoothed loss, divided by 10"
+    )
+    stop = "the loss diverged" if r.stopped == "diverged" else "it reached the maximum lr"
+    console.print(f"{len(r.smoothed)}/{r.steps} steps; stopped because {stop}; {r.seconds:.1f} s")
+    if r.suggestion is None:
+        console.print("[yellow]no suggestion[/]: the curve is too short or never falls (widen --min-lr/--max-lr)")
+    else:
+        console.print(f"suggested lr: [bold]{r.suggestion:.3g}[/] ({why})")
+    if r.plot:
+        console.print(f"plot: {r.plot}")
