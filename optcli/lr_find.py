@@ -18,10 +18,10 @@ import torch
 
 from optcli.build import build_model_and_optimizer, seed_torch, torch_settings
 from optcli.config import Config, optimizer_config
-from optcli.tasks import Data, batches, epoch_permutation, load_data
 from optcli.errors import UserError
 from optcli.model import check_model_config, resolve_device
 from optcli.optim import check_kwargs, check_optimizer, needs_closure, parse_spec, resolve_optimizer, step_with_closure
+from optcli.tasks import Data, batches, epoch_permutation, load_data
 from optcli.train import make_loss
 
 RULES = ("steepest", "minimum")
@@ -129,6 +129,8 @@ def lr_find(
     check_optimizer(cfg.optimizer)
     if plot is not None and Path(plot).is_dir():
         raise UserError(f"--plot: {plot} is a directory; give a file name such as lr_find.png")
+    if plot is not None and not Path(plot).parent.is_dir():
+        raise UserError(f"--plot: the folder {Path(plot).parent} does not exist")
     device = resolve_device(cfg.device)
     started = time.perf_counter()
     with torch_settings(cfg):

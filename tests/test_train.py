@@ -37,6 +37,7 @@ def test_run_directory_holds_every_file(tmp_path):
     assert sorted(p.name for p in run_dir.iterdir()) == [
         "config.yaml",
         "last.pt",
+        "loss.png",
         "metrics.csv",
         "metrics.jsonl",
         "summary.json",
