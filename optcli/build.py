@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 
 from optcli.config import Config
 from optcli.model import build_model
@@ -39,10 +40,19 @@ def torch_settings(cfg: Config, *, threads: int | None = None) -> Iterator[None]
         torch.set_num_threads(previous_threads)
 
 
+def build_task_model(cfg: Config, in_features: int, out_features: int) -> nn.Module:
+    """The MLP of the config, or for a 2-D test function the point (x, y) itself, started where the seed says."""
+    if cfg.data.name == "function":
+        from optcli.tasks.functions import Point, start_point
+
+        return Point(cfg.data, start_point(cfg.data, cfg.seed))
+    return build_model(cfg.model, in_features, out_features)
+
+
 def build_model_and_optimizer(cfg: Config, data: Data, device: torch.device):
     """The model (initial weights a function of cfg.seed alone), its optimizer and scheduler."""
     seed_torch(cfg.seed)  # the same seed gives the same initial weights whatever the optimizer
-    model = build_model(cfg.model, data.in_features, data.out_features).to(device)
+    model = build_task_model(cfg, data.in_features, data.out_features).to(device)
     optimizer = build_optimizer(model, cfg.optimizer, device, fused=cfg.train.fused)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.train.epochs)
     return model, optimizer, scheduler

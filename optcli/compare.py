@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from optcli.build import torch_settings
-from optcli.config import Config, optimizer_config, to_yaml
+from optcli.config import Config, DataConfig, optimizer_config, to_yaml
 from optcli.errors import UserError
 from optcli.loggers import TENSORBOARD_DIR, check_loggers, trial_dir_name, write_history
 from optcli.model import check_model_config, resolve_device
@@ -30,6 +30,7 @@ from optcli.optim import (
 from optcli.runs import atomic_write_text, create_run_dir, write_csv, write_json
 from optcli.stats import mean_std, paired_verdict
 from optcli.tasks import load_data
+from optcli.tasks.functions import FUNCTIONS, grid, plot_box, start_point
 from optcli.train import History
 from optcli.trials import OptimizerSpec, ProcessPoolRunner, RayRunner, SerialRunner, TrialCallbacks, TrialRunner
 
@@ -66,6 +67,7 @@ class Comparison:
     epoch_seconds: float = 0.0  # time inside training epochs, summed over trials
     jobs: int = 1
     notes: list[str] = field(default_factory=list)  # one line per choice the runner made (vectorize fallbacks)
+    function: dict | None = None  # 2-D test functions: name, minimum, start per seed, plot box, data config
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -150,6 +152,8 @@ def trial_metrics(history: History) -> dict[str, float | None]:
         "epochs_to_best": best.epoch if best else None,
         "seconds_per_epoch": statistics.fmean(e.seconds for e in history.epochs) if history.epochs else None,
         "state_bytes": last.dynamics["state_bytes"] if last and last.dynamics else None,
+        "final_value": last.position["value"] if last and last.position else None,
+        "distance_to_min": last.position["distance"] if last and last.position else None,
     }
 
 
@@ -165,7 +169,8 @@ def aggregate(specs: list[OptimizerSpec], trials: list[Trial]) -> list[dict]:
             "seeds": len(mine),
             "completed": len(done),
         }
-        for key in [m[0] for m in METRICS] + ["epochs_to_best", "seconds_per_epoch", "state_bytes"]:
+        extra = ["epochs_to_best", "seconds_per_epoch", "state_bytes", "final_value", "distance_to_min"]
+        for key in [m[0] for m in METRICS] + extra:
             values = [v for t in done if (v := trial_metrics(t.history)[key]) is not None]
             row[key], row[key + "_std"] = mean_std(values)
         diverged = [t for t in mine if t.history.status == "diverged"]
@@ -252,7 +257,7 @@ def run_comparison(
         plan = [(spec, seed) for seed in seed_list for spec in specs]
         trials = [Trial(spec.label, seed, h) for (spec, seed), h in zip(plan, runner.run(plan), strict=True)]
         notes = list(getattr(runner, "notes", []))
-    task = "classification" if cfg.data.name == "mnist" else "regression"
+    task = {"mnist": "classification", "function": "function"}.get(cfg.data.name, "regression")
     comparison = build_comparison(
         specs,
         seeds=seed_list,
@@ -266,6 +271,7 @@ def run_comparison(
     run_dir = create_run_dir(cfg.out_dir, cfg.name, prefix="compare-")
     comparison.notes = notes
     comparison.run_dir = str(run_dir)
+    comparison.function = describe_function(cfg.data, seed_list, trials) if cfg.data.name == "function" else None
     comparison.wall_seconds = time.perf_counter() - started
     write_comparison(to_yaml(cfg), comparison, run_dir)
     if "tensorboard" in cfg.train.loggers:
@@ -344,6 +350,27 @@ def write_comparison(config_yaml: str, comparison: Comparison, run_dir) -> None:
     save_loss_plot(comparison, run_dir / "loss.png")
     if any(e.dynamics for t in comparison.trials for e in t.history.epochs):
         save_dynamics_plot(comparison, run_dir / "dynamics.png")
+    if comparison.function is not None:
+        from optcli.report.plots import save_trajectory_plot
+
+        f = comparison.function
+        save_trajectory_plot(comparison, grid(DataConfig(**f["data"]), f["box"]), run_dir / "trajectories.png")
+
+
+def describe_function(cfg: DataConfig, seeds: list[int], trials: list[Trial]) -> dict:
+    """What the trajectory plot needs besides the trials: the function, its minimum, each seed's start, a box."""
+    known = FUNCTIONS[cfg.function]
+    starts = {seed: start_point(cfg, seed) for seed in seeds}
+    points = list(starts.values()) + [
+        [e.position["x"], e.position["y"]] for t in trials for e in t.history.epochs if e.position
+    ]
+    return {
+        "name": cfg.function,
+        "minimum": list(known.minimum),
+        "starts": starts,
+        "box": plot_box(known.box, points),
+        "data": cfg.model_dump(mode="json"),
+    }
 
 
 def yaml_specs(comparison: Comparison) -> str:

@@ -51,7 +51,7 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    name: Literal["mnist", "regression"] = "regression"
+    name: Literal["mnist", "regression", "function"] = "regression"
     seed: int = 0  # the synthetic data and the train/validation split; kept apart from the run's seed
     root: str = "data"  # torchvision root: MNIST lives in <root>/MNIST/raw
     download: bool = True  # fetch MNIST when it is missing
@@ -60,6 +60,10 @@ class DataConfig(Section):
     samples: int = Field(64, gt=0)  # regression only: N
     inputs: int = Field(1000, gt=0)  # regression only: D_in
     outputs: int = Field(10, gt=0)  # regression only: D_out
+    function: Literal["rosenbrock", "rastrigin", "beale", "quadratic"] = "rosenbrock"  # data.name=function only
+    start: list[float] | None = Field(None, min_length=2, max_length=2)  # function: start point; None: its default
+    start_jitter: float = Field(0.1, ge=0.0)  # function: each seed moves the start by this times N(0, I)
+    condition: float = Field(10.0, ge=1.0)  # function=quadratic: the condition number (curvature ratio)
 
 
 class ModelConfig(Section):
@@ -123,7 +127,7 @@ Logger = Literal["csv", "tensorboard"]
 
 class TrainConfig(Section):
     epochs: int = Field(500, gt=0)
-    loss: Literal["cross_entropy", "mse"] = "mse"
+    loss: Literal["cross_entropy", "mse", "value"] = "mse"  # value: the 2-D test function's value itself
     reduction: Literal["mean", "sum"] = "sum"
     grad_clip: float | None = Field(None, gt=0)  # max global gradient norm
     accumulate: int = Field(1, gt=0)  # optimizer step every k batches
@@ -161,6 +165,8 @@ class Config(Section):
             raise ValueError("train.loss: cross_entropy needs class labels; data.name=regression wants mse")
         if self.data.name == "mnist" and self.train.loss == "mse":
             raise ValueError("train.loss: mse needs real-valued targets; data.name=mnist wants cross_entropy")
+        if (self.data.name == "function") != (self.train.loss == "value"):
+            raise ValueError("train.loss: value goes with data.name=function, and only with it (the loss is f(x, y))")
         return self
 
 

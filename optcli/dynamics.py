@@ -21,7 +21,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from optcli.train import EpochMetrics
+from optcli.config import Config
+from optcli.tasks.functions import FUNCTIONS, Point, evaluate_at
+from optcli.train import EpochCallback, EpochMetrics
 
 
 def layer_of(name: str) -> str:
@@ -119,3 +121,34 @@ class Dynamics:
 def _finite(value: float) -> float | None:
     """0/0 (a zero weight or gradient) has no ratio: None, never NaN in the files."""
     return value if math.isfinite(value) else None
+
+
+class PositionTracker:
+    """An epoch callback (train.EpochCallback): the point, f there and the distance to the known minimum after
+    each epoch (one step), in EpochMetrics.position; compare draws the trajectories from it."""
+
+    def __init__(self, model: Point):
+        self.model = model
+        self.minimum = FUNCTIONS[model.cfg.function].minimum
+
+    def epoch_end(self, metrics: EpochMetrics, step_losses: torch.Tensor) -> None:
+        x, y = self.model.xy.detach().double().tolist()
+        value = evaluate_at(self.model.cfg, [x, y])
+        finite = all(math.isfinite(v) for v in (x, y, value))
+        metrics.position = {
+            "x": x if math.isfinite(x) else None,
+            "y": y if math.isfinite(y) else None,
+            "value": value if finite else None,
+            "distance": math.dist((x, y), self.minimum) if finite else None,
+        }
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def epoch_callbacks(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer) -> list[EpochCallback]:
+    """The measurements a run or trial takes after each epoch; each has close() to call when training ends."""
+    callbacks: list[EpochCallback] = [Dynamics(model, optimizer)] if cfg.train.dynamics else []
+    if isinstance(model, Point):
+        callbacks.append(PositionTracker(model))
+    return callbacks

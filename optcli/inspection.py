@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from optcli.build import seed_torch, torch_settings
+from optcli.build import build_task_model, seed_torch, torch_settings
 from optcli.config import Config, optimizer_config, validate
 from optcli.errors import UserError
-from optcli.model import build_model, resolve_device
+from optcli.model import resolve_device
 from optcli.optim import (
     build_optimizer,
     check_optimizer,
@@ -26,6 +26,7 @@ from optcli.runs import load_checkpoint
 from optcli.tasks import epoch_permutation, load_data, task_shape
 from optcli.train import make_loss
 
+SHOW_VALUES_UP_TO = 4  # elements: a parameter this small is shown in full by --step
 MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
 
 
@@ -211,6 +212,14 @@ def one_step(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, de
                 "grad_norm": None if (g := grads[n]) is None else g.norm().item(),
                 "update_norm": update.norm().item(),
                 "changed": bool(update.abs().max() > 0),
+                # a parameter of a few numbers (a 2-D test function's point) is shown whole
+                "values": None
+                if p.numel() > SHOW_VALUES_UP_TO
+                else {
+                    "before": before[n].flatten().tolist(),
+                    "grad": None if (g := grads[n]) is None else g.flatten().tolist(),
+                    "after": p.detach().flatten().tolist(),
+                },
             }
         )
     out: dict[str, Any] = {
@@ -284,7 +293,7 @@ def _inspect(
 ) -> Inspection:
     source = f"checkpoint {checkpoint}" if checkpoint is not None else "config"
     seed_torch(cfg.seed)
-    model = build_model(cfg.model, *task_shape(cfg.data)).to(device)
+    model = build_task_model(cfg, *task_shape(cfg.data)).to(device)
     optimizer = build_optimizer(model, cfg.optimizer, device, fused=cfg.train.fused)
     notes = []
     if ckpt is not None:

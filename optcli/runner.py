@@ -15,7 +15,7 @@ from optcli import distributed
 from optcli.build import build_model_and_optimizer, torch_settings
 from optcli.config import Config, load_config, to_yaml
 from optcli.distributed import SINGLE, Dist
-from optcli.dynamics import Dynamics
+from optcli.dynamics import epoch_callbacks
 from optcli.errors import RunInterrupted, UserError
 from optcli.loggers import check_loggers, make_loggers
 from optcli.model import check_model_config, resolve_device
@@ -202,7 +202,7 @@ def _train(
     else:
         on_epoch = on_batch = None
 
-    callbacks: list = [Dynamics(model, optimizer)] if cfg.train.dynamics else []
+    callbacks = epoch_callbacks(cfg, model, optimizer)
     if writer is not None:
         callbacks += make_loggers(cfg, writer.run_dir, n_train=len(data.train))
 

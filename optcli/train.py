@@ -21,8 +21,9 @@ from optcli.config import Config
 from optcli.distributed import SINGLE, Dist
 from optcli.optim import current_lr, is_plateau, needs_closure, step_with_closure
 from optcli.tasks import Data, Split, batches, epoch_permutation
+from optcli.tasks.functions import FunctionValue
 
-LossFn = nn.CrossEntropyLoss | nn.MSELoss
+LossFn = nn.CrossEntropyLoss | nn.MSELoss | FunctionValue
 EVAL_BATCH = 8192  # evaluation needs no gradients, so large batches are cheap and fast
 
 
@@ -35,10 +36,11 @@ class EpochMetrics:
     lr: float  # the learning rate used during this epoch (first param group)
     seconds: float
     dynamics: dict | None = None  # per layer: gradient norm, update-to-weight ratio, step size (dynamics.py)
+    position: dict | None = None  # 2-D test functions: x, y, f(x, y), distance to the minimum after the epoch
 
     def csv_row(self) -> dict:
-        """The flat columns of metrics.csv; the nested dynamics go to metrics.jsonl only."""
-        return {k: v for k, v in vars(self).items() if k != "dynamics"}
+        """The flat columns of metrics.csv; the nested dynamics and position go to metrics.jsonl only."""
+        return {k: v for k, v in vars(self).items() if k not in ("dynamics", "position")}
 
 
 @dataclass
@@ -69,12 +71,16 @@ class EpochCallback(Protocol):
 
     def epoch_end(self, metrics: EpochMetrics, step_losses: torch.Tensor) -> None: ...
 
+    def close(self) -> None: ...
+
 
 def _score(e: EpochMetrics) -> float:
     return e.val_loss if e.val_loss is not None else e.train_loss
 
 
 def make_loss(cfg: Config, dist: Dist = SINGLE) -> LossFn:
+    if cfg.train.loss == "value":  # a 2-D test function: the model's output is the loss
+        return FunctionValue(reduction=cfg.train.reduction)
     cls = nn.CrossEntropyLoss if cfg.train.loss == "cross_entropy" else nn.MSELoss
     return cls(reduction="sum" if dist.enabled else cfg.train.reduction)
 

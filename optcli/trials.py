@@ -20,7 +20,7 @@ from typing import Any
 
 from optcli.build import build_model_and_optimizer, seed_torch
 from optcli.config import Config, OptimizerConfig, optimizer_config
-from optcli.dynamics import Dynamics
+from optcli.dynamics import epoch_callbacks
 from optcli.errors import UserError
 from optcli.tasks import Data
 from optcli.train import History, fit
@@ -56,7 +56,7 @@ def run_trial(
     cfg = cfg.model_copy(update={"seed": seed, "optimizer": spec.config()})
     model, optimizer, scheduler = build_model_and_optimizer(cfg, data, data.train.x.device)
     seed_torch(seed)  # the same dropout masks for every optimizer of this seed
-    callbacks = [Dynamics(model, optimizer)] if cfg.train.dynamics else []
+    callbacks = epoch_callbacks(cfg, model, optimizer)
     try:
         return fit(cfg, model, optimizer, scheduler, data, on_epoch=on_epoch, callbacks=callbacks)
     finally:

@@ -138,6 +138,10 @@ def linkage_lines(r) -> list[str]:
     return [f"[red]linkage problem[/]: {problem}" for problem in link["problems"]]
 
 
+def _numbers(xs: list[float]) -> str:
+    return "[" + ", ".join(f"{x:.6g}" for x in xs) + "]"
+
+
 def step_lines(r) -> list[str]:
     rule, acc = r.step["sgd_rule"], r.step["accumulation"]
     if rule["applies"]:
@@ -145,6 +149,20 @@ def step_lines(r) -> list[str]:
         lines = [f"SGD rule w ← w − lr·grad {verdict}: max |w_new − (w − lr·grad)| = {rule['max_abs_error']:.3g}"]
     else:
         lines = [f"SGD rule check: {rule['why']}"]
+    lr = r.groups[0]["hyperparameters"].get("lr") if r.groups else None
+    for p in r.step["params"]:
+        v = p.get("values")
+        if v and v["grad"] is not None:
+            if rule["applies"]:
+                lines.append(
+                    f"{p['name']} ← {p['name']} − lr·dy/d{p['name']}: "
+                    f"{_numbers(v['before'])} − {lr:g} × {_numbers(v['grad'])} = {_numbers(v['after'])}"
+                )
+            else:
+                lines.append(
+                    f"{p['name']}: {_numbers(v['before'])} with dy/d{p['name']} = {_numbers(v['grad'])} "
+                    f"→ {_numbers(v['after'])} after {r.optimizer}.step()"
+                )
     lines.append(
         f"second backward() without zero_grad(): grad norm × {acc['grad_norm_ratio_min']:.6g}"
         f"–{acc['grad_norm_ratio_max']:.6g}, max |g₂ − 2·g₁| = {acc['max_abs_error_vs_2x']:.3g}: "

@@ -159,3 +159,44 @@ def save_dynamics_plot(c, path) -> None:
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
+
+
+def save_trajectory_plot(c, z, path) -> None:
+    """trajectories.png: the path each optimizer takes on a 2-D test function, drawn on its contour plot with
+    log-spaced levels (of f minus its lowest value on the grid); one colour per optimizer, one line per seed;
+    the start points marked by circles, the known minimum by a star."""
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    plt = _pyplot()
+    f = c.function
+    values = np.asarray(z["z"], dtype=float)
+    shifted = values - values.min() + 1e-6 * (np.ptp(values) or 1.0)  # > 0 for the log levels
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    levels = np.logspace(np.log10(shifted.min()), np.log10(shifted.max()), 30)
+    ax.contourf(z["x"], z["y"], shifted, levels=levels, norm=LogNorm(), cmap="Greys_r", alpha=0.55)
+    ax.contour(z["x"], z["y"], shifted, levels=levels, norm=LogNorm(), colors="0.35", linewidths=0.4)
+    for i, spec in enumerate(c.specs):
+        for k, t in enumerate(tr for tr in c.trials if tr.label == spec.label):
+            start = f["starts"].get(t.seed, f["starts"].get(str(t.seed)))
+            pts = [start] + [
+                [e.position["x"], e.position["y"]]
+                for e in t.history.epochs
+                if e.position and e.position["x"] is not None and e.position["y"] is not None
+            ]
+            xs, ys = zip(*pts, strict=True)
+            width = max(1.0, 2.8 - 0.5 * i)  # earlier optimizers wider, so a path drawn over another still shows
+            ax.plot(xs, ys, color=f"C{i}", linewidth=width, alpha=0.9, label=spec.label if k == 0 else None)
+            ax.plot(xs[-1:], ys[-1:], "x", color=f"C{i}", markersize=7)
+    for start in f["starts"].values():
+        ax.plot([start[0]], [start[1]], "o", color="black", markerfacecolor="white", markersize=7)
+    ax.plot([f["minimum"][0]], [f["minimum"][1]], "*", color="gold", markeredgecolor="black", markersize=16)
+    x0, x1, y0, y1 = f["box"]
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    ax.set_title(f"{f['name']}: {c.epochs} steps from ○ towards ★ {tuple(f['minimum'])}, {len(c.seeds)} seed(s); × end")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)

@@ -70,7 +70,9 @@ def comparison_table(c) -> Table:
     metrics = [("final_train_loss", "final train loss", True, False), ("best_val_loss", "best val loss", True, False)]
     if classify:
         metrics += [("val_accuracy", "val acc", False, True), ("test_accuracy", "test acc", False, True)]
-    metrics = [m for m in metrics if any(r[m[0]] is not None for r in c.rows)]
+    if c.task == "function":
+        metrics += [("final_value", "final f(x, y)", True, False), ("distance_to_min", "distance to min", True, False)]
+    metrics = [m for m in metrics if any(r.get(m[0]) is not None for r in c.rows)]
     table = Table(title=f"Optimizers over {len(c.seeds)} seed(s) {c.seeds}, {c.epochs} epochs (mean ± std)")
     table.add_column("optimizer")
     table.add_column("hyperparameters")
@@ -84,13 +86,13 @@ def comparison_table(c) -> Table:
     table.add_column("status")
     best = {}
     for key, _, lower, _ in metrics:
-        done = [r for r in c.rows if r[key] is not None]
+        done = [r for r in c.rows if r.get(key) is not None]
         if done:
             best[key] = (min if lower else max)(done, key=lambda r: r[key])["label"]
     for r in c.rows:
         cells = [r["label"], ", ".join(f"{k}={v}" for k, v in r["hyperparameters"].items()) or "defaults"]
         for key, _, _, as_pct in metrics:
-            text = mean_pm(r[key], r[key + "_std"], as_pct)
+            text = mean_pm(r.get(key), r.get(key + "_std"), as_pct)
             cells.append(f"[bold green]{text}[/]" if best.get(key) == r["label"] else text)
         cells += [mean_pm(r["epochs_to_best"], r["epochs_to_best_std"]), fmt(r["seconds_per_epoch"], 3)]
         cells += [nbytes(r.get("state_bytes"))] if has_state else []

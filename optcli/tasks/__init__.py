@@ -56,6 +56,10 @@ def load_data(cfg: DataConfig, device: torch.device) -> Data:
 
         train, test = load_mnist(cfg)
         task, n_in, n_out = "classification", 28 * 28, 10
+    elif cfg.name == "function":
+        from optcli.tasks.functions import load_function
+
+        train, test, task, n_in, n_out = load_function(cfg), None, "function", 1, 1
     else:
         from optcli.tasks.regression import load_regression
 
@@ -91,4 +95,4 @@ def batches(split: Split, batch_size: int, perm: torch.Tensor) -> Iterator[tuple
 
 def task_shape(cfg: DataConfig) -> tuple[int, int]:
     """(in_features, out_features) of the task, known without loading any data."""
-    return (28 * 28, 10) if cfg.name == "mnist" else (cfg.inputs, cfg.outputs)
+    return (28 * 28, 10) if cfg.name == "mnist" else (1, 1) if cfg.name == "function" else (cfg.inputs, cfg.outputs)
