@@ -14,7 +14,10 @@ def scalars(log_dir, tag):
     return {e.step: e.value for e in acc.Scalars(tag)} if tag in acc.Tags()["scalars"] else {}
 
 
-TB = ["--set", "train.loggers=[csv,tensorboard]", "--set", "data.val_fraction=0.25", "--set", "data.batch_size=16"]
+TB = [
+    *("--set", "train.loggers=[csv,tensorboard]", "--set", "data.samples=64"),
+    *("--set", "data.val_fraction=0.25", "--set", "data.batch_size=16"),
+]
 
 
 def test_train_writes_event_files_that_match_the_metrics(tmp_path):
