@@ -68,6 +68,8 @@ def elementwise_optimizers() -> list[type]:
 def stacking_refusal(cfg: Config, spec: OptimizerSpec, device: torch.device) -> str | None:
     """Why the seeds of `spec` must run the plain path (one line), or None when stacking them is exact."""
     cls = resolve_optimizer(spec.name)
+    if cfg.data.name == "function":
+        return "a 2-D test function's model is the point itself, not an MLP"
     if cls not in elementwise_optimizers():
         return f"{cls.__name__} is not on the elementwise list (optcli.vectorized.ELEMENTWISE)"
     if cfg.train.grad_clip is not None:
