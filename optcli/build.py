@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from optcli.config import Config
+from optcli.feasibility import check_trainable
 from optcli.model import build_model
 from optcli.optim import build_optimizer, build_scheduler
 from optcli.tasks import Data
@@ -51,6 +52,8 @@ def build_task_model(cfg: Config, in_features: int, out_features: int) -> nn.Mod
 
 def build_model_and_optimizer(cfg: Config, data: Data, device: torch.device):
     """The model (initial weights a function of cfg.seed alone), its optimizer and scheduler."""
+    n_train, n_in, n_out = len(data.train), data.in_features, data.out_features
+    check_trainable(cfg, n_train=n_train, in_features=n_in, out_features=n_out, device=device)  # before allocating
     seed_torch(cfg.seed)  # the same seed gives the same initial weights whatever the optimizer
     model = build_task_model(cfg, data.in_features, data.out_features).to(device)
     optimizer = build_optimizer(model, cfg.optimizer, device, fused=cfg.train.fused)

@@ -3,7 +3,10 @@ torch is imported only inside command bodies, so `optcli --help` starts instantl
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,18 +53,35 @@ def user_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from optcli.errors import RunInterrupted, UserError
+        from optcli.errors import RunInterrupted, UserError, one_line
 
         try:
-            return command(*args, **kwargs)
+            result = command(*args, **kwargs)
+            sys.stdout.flush()  # stdout on a full device fails here, while the error can still be reported
+            return result
         except UserError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
         except RunInterrupted as exc:
             typer.echo(f"\n{exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:  # the operating system said no where no core function named the path: stdout
+            where = exc.filename or ("stdout" if exc.errno in (errno.ENOSPC, errno.EPIPE, errno.EIO) else "optcli")
+            typer.echo(one_line(f"error: {where}: {exc.strerror or exc}"), err=True)
+            _drop_stdout()
+            raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's own flush at exit does not fail a second time."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def overrides(set_: list[str] | None, epochs: int | None = None) -> list[str]:
@@ -72,9 +92,9 @@ def overrides(set_: list[str] | None, epochs: int | None = None) -> list[str]:
 def show(data: Any, json_out: bool, render: Callable[[], None]) -> None:
     """The result as JSON on stdout, or rendered as tables."""
     if json_out:
-        import json
+        from optcli.runs import strict_json
 
-        typer.echo(json.dumps(data, default=str))
+        typer.echo(strict_json(data))
     else:
         render()
 

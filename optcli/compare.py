@@ -6,6 +6,7 @@ the verdict says whether the winner's lead is larger than the seed-to-seed sprea
 from __future__ import annotations
 
 import math
+import signal
 import statistics
 import time
 from collections.abc import Callable
@@ -14,9 +15,10 @@ from typing import Any
 
 import torch
 
+from optcli import signals
 from optcli.build import torch_settings
 from optcli.config import Config, DataConfig, optimizer_config, to_yaml
-from optcli.errors import UserError
+from optcli.errors import RunInterrupted, UserError
 from optcli.loggers import TENSORBOARD_DIR, check_loggers, trial_dir_name, write_history
 from optcli.model import check_model_config, resolve_device
 from optcli.optim import (
@@ -27,12 +29,21 @@ from optcli.optim import (
     resolve_optimizer,
     signature_defaults,
 )
-from optcli.runs import atomic_write_text, create_run_dir, write_csv, write_json
+from optcli.run_files import FORMAT_VERSION
+from optcli.runs import RunLock, atomic_write_text, create_run_dir, write_csv, write_json
 from optcli.stats import mean_std, paired_verdict
 from optcli.tasks import load_data
 from optcli.tasks.functions import FUNCTIONS, grid, plot_box, start_point
 from optcli.train import History
-from optcli.trials import OptimizerSpec, ProcessPoolRunner, RayRunner, SerialRunner, TrialCallbacks, TrialRunner
+from optcli.trials import (
+    OptimizerSpec,
+    ProcessPoolRunner,
+    RayRunner,
+    SerialRunner,
+    TrialCallbacks,
+    TrialRunner,
+    TrialsInterrupted,
+)
 
 # (key, label, lower is better)
 METRICS = [
@@ -68,6 +79,8 @@ class Comparison:
     jobs: int = 1
     notes: list[str] = field(default_factory=list)  # one line per choice the runner made (vectorize fallbacks)
     function: dict | None = None  # 2-D test functions: name, minimum, start per seed, plot box, data config
+    status: str = "completed"  # or interrupted: a stop signal ended it, unfinished trials are marked interrupted
+    interrupted_by: str | None = None  # the signal's name
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -245,39 +258,76 @@ def run_comparison(
     seed_list = [cfg.seed + i for i in range(seeds)]
     if on_plan:
         on_plan(len(specs) * (len(seed_list) + (tune_budget if tune_lr else 0)))
+    stopped: int | None = None
+    notes: list[str] = []
     with (
+        signals.stop_on_signals(),
         torch_settings(cfg, threads=threads if jobs == 1 else None),
-        make_runner(
-            cfg, device=device, jobs=jobs, threads=threads, vectorize=vectorize, backend=backend, callbacks=callbacks
-        ) as runner,
     ):
-        tuning, tune_trials = (
-            tune_learning_rates(specs, budget=tune_budget, seed=seed_list[0], runner=runner) if tune_lr else (None, [])
+        try:
+            with make_runner(
+                cfg,
+                device=device,
+                jobs=jobs,
+                threads=threads,
+                vectorize=vectorize,
+                backend=backend,
+                callbacks=callbacks,
+            ) as runner:
+                tuning, tune_trials = (
+                    tune_learning_rates(specs, budget=tune_budget, seed=seed_list[0], runner=runner)
+                    if tune_lr
+                    else (None, [])
+                )
+                plan = [(spec, seed) for seed in seed_list for spec in specs]
+                try:
+                    histories = runner.run(plan)
+                except TrialsInterrupted as exc:  # the finished trials are kept, the others marked interrupted
+                    histories, stopped = exc.histories, exc.signum
+                trials = [Trial(spec.label, seed, h) for (spec, seed), h in zip(plan, histories, strict=True)]
+                notes = list(getattr(runner, "notes", []))
+        except (TrialsInterrupted, KeyboardInterrupt) as exc:  # while tuning or starting: no comparison to save
+            raise RunInterrupted(None, getattr(exc, "signum", None) or signals.signum_of(exc)) from None
+        comparison = build_comparison(
+            specs,
+            seeds=seed_list,
+            epochs=cfg.train.epochs,
+            task=_task(cfg),
+            trials=trials,
+            tuning=tuning,
+            jobs=jobs,
+            epoch_seconds=sum(e.seconds for t in tune_trials + trials for e in t.history.epochs),
         )
-        plan = [(spec, seed) for seed in seed_list for spec in specs]
-        trials = [Trial(spec.label, seed, h) for (spec, seed), h in zip(plan, runner.run(plan), strict=True)]
-        notes = list(getattr(runner, "notes", []))
-    task = {"mnist": "classification", "function": "function"}.get(cfg.data.name, "regression")
-    comparison = build_comparison(
-        specs,
-        seeds=seed_list,
-        epochs=cfg.train.epochs,
-        task=task,
-        trials=trials,
-        tuning=tuning,
-        jobs=jobs,
-        epoch_seconds=sum(e.seconds for t in tune_trials + trials for e in t.history.epochs),
-    )
-    run_dir = create_run_dir(cfg.out_dir, cfg.name, prefix="compare-")
-    comparison.notes = notes
-    comparison.run_dir = str(run_dir)
-    comparison.function = describe_function(cfg.data, seed_list, trials) if cfg.data.name == "function" else None
-    comparison.wall_seconds = time.perf_counter() - started
-    write_comparison(to_yaml(cfg), comparison, run_dir)
-    if "tensorboard" in cfg.train.loggers:
-        for t in trials:
-            write_history(run_dir / TENSORBOARD_DIR / trial_dir_name(t.label, t.seed), t.history)
+        comparison.notes = notes
+        if cfg.data.name == "function" and stopped is None:
+            comparison.function = describe_function(cfg.data, seed_list, trials)
+        comparison.wall_seconds = time.perf_counter() - started
+        if stopped is not None:
+            comparison.status, comparison.interrupted_by = "interrupted", signal.Signals(stopped).name
+        save_comparison(cfg, comparison)
+    if stopped is not None:
+        finished = sum(t.history.status != "interrupted" for t in trials)
+        raise RunInterrupted(
+            comparison.run_dir,
+            stopped,
+            saved=f"{finished} of {len(trials)} trials finished, saved in {comparison.run_dir} (the others marked so)",
+        )
     return comparison
+
+
+def save_comparison(cfg: Config, comparison: Comparison) -> None:
+    """The comparison's run directory, written under its lock; a stop signal waits until it is whole."""
+    run_dir = create_run_dir(cfg.out_dir, cfg.name, prefix="compare-")
+    comparison.run_dir = str(run_dir)
+    with RunLock(run_dir), signals.held():
+        write_comparison(to_yaml(cfg), comparison, run_dir)
+        if "tensorboard" in cfg.train.loggers:
+            for t in comparison.trials:
+                write_history(run_dir / TENSORBOARD_DIR / trial_dir_name(t.label, t.seed), t.history)
+
+
+def _task(cfg: Config) -> str:
+    return {"mnist": "classification", "function": "function"}.get(cfg.data.name, "regression")
 
 
 def check_runner_options(*, jobs: int, vectorize: bool, backend: str) -> None:
@@ -344,7 +394,7 @@ def write_comparison(config_yaml: str, comparison: Comparison, run_dir) -> None:
     atomic_write_text(run_dir / "config.yaml", config_yaml + yaml_specs(comparison))
     rows = [{"optimizer": t.label, "seed": t.seed, **e.csv_row()} for t in comparison.trials for e in t.history.epochs]
     write_csv(run_dir / "metrics.csv", rows)
-    write_json(run_dir / "summary.json", comparison.to_dict())
+    write_json(run_dir / "summary.json", {"format": FORMAT_VERSION, **comparison.to_dict()})
     from optcli.report.plots import save_dynamics_plot, save_loss_plot  # matplotlib only when a comparison is written
 
     save_loss_plot(comparison, run_dir / "loss.png")

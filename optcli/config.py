@@ -8,6 +8,7 @@ so `optcli train` runs anywhere, offline, in seconds.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -16,13 +17,75 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from optcli.errors import UserError
+from optcli.limits import MAX_CONFIG_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, read_bounded
 
-MAX_CONFIG_BYTES = 1_000_000  # a config is a few hundred bytes; anything this large is a mistake
+RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # a run directory's name: train, compare and merge
 
 
 class YamlSafeLoader(yaml.SafeLoader):
     """yaml.SafeLoader that also reads 1e-3 as a float: PyYAML follows YAML 1.1, which wants 1.0e-3,
-    and a learning rate silently read as the string '1e-3' is a trap. Constructs no Python objects."""
+    and a learning rate silently read as the string '1e-3' is a trap. Constructs no Python objects.
+
+    Bounded: nesting deeper than MAX_YAML_DEPTH stops composition before Python's recursion limit, and a document
+    of more than MAX_YAML_NODES nodes once every alias is expanded (an alias bomb) is refused before anything is
+    built from it; both errors carry the position and name the limit."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_YAML_DEPTH} levels (the limit)", self.peek_event().start_mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self) -> yaml.Node | None:
+        node = super().compose_document()
+        if node is not None:
+            size, depth = expanded_size(node)
+            if size > MAX_YAML_NODES:
+                problem = f"more than {MAX_YAML_NODES} nodes once aliases are expanded (the limit; an alias bomb?)"
+                raise yaml.composer.ComposerError(None, None, problem, node.start_mark)
+            if depth > MAX_YAML_DEPTH:
+                problem = f"nested deeper than {MAX_YAML_DEPTH} levels once aliases are expanded (the limit)"
+                raise yaml.composer.ComposerError(None, None, problem, node.start_mark)
+        return node
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def expanded_size(root: yaml.Node) -> tuple[int, int]:
+    """(nodes, depth) of a composed YAML graph with every alias expanded, computed without expanding it: each
+    node is visited once (aliases share nodes), sizes saturate past the limit, and a cycle counts as too large."""
+    too_many = MAX_YAML_NODES + 1
+    memo: dict[int, tuple[int, int] | None] = {}  # None: under way (an ancestor on the current path)
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        kids = _children(node)
+        if done:
+            sizes = [memo[id(k)] or (too_many, too_many) for k in kids]
+            memo[id(node)] = (min(too_many, 1 + sum(s for s, _ in sizes)), 1 + max((d for _, d in sizes), default=0))
+            continue
+        if id(node) in memo:
+            continue
+        memo[id(node)] = None
+        stack.append((node, True))
+        for kid in kids:
+            if id(kid) in memo and memo[id(kid)] is None:
+                return too_many, too_many  # a recursive alias: infinite once expanded
+            stack.append((kid, False))
+    return memo[id(root)] or (too_many, too_many)
 
 
 YamlSafeLoader.add_implicit_resolver(
@@ -102,8 +165,8 @@ class OptimizerConfig(BaseModel):
             (f"optimizer.groups.{i}.lr", g.model_extra or {}) for i, g in enumerate(self.groups)
         ]:
             lr = kwargs.get("lr")
-            if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr <= 0:
-                raise ValueError(f"{where}: must be > 0 (got {lr})")
+            if isinstance(lr, (int, float)) and not isinstance(lr, bool) and not (math.isfinite(lr) and lr > 0):
+                raise ValueError(f"{where}: must be > 0 and finite (got {lr})")
         return self
 
     @property
@@ -143,7 +206,7 @@ class TrainConfig(Section):
 class Config(Section):
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # run directory name
+    name: str | None = Field(None, pattern=RUN_NAME_PATTERN)  # run directory name
     out_dir: str = "runs"  # relative to the working directory; may not climb out of it
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -240,17 +303,8 @@ def validate(raw: Any, source: str = "config") -> Config:
 
 def read_yaml(path: str | Path) -> Any:
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such config file")
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory, not a config file")
     try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise UserError(f"{path}: {size} bytes is too large for a config (limit {MAX_CONFIG_BYTES})")
-        text = path.read_bytes().decode("utf-8")
-    except PermissionError:
-        raise UserError(f"{path}: cannot read the file (permission denied)") from None
+        text = read_bounded(path, limit=MAX_CONFIG_BYTES, what="config").decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text (bad byte at offset {exc.start})") from None
     try:
@@ -276,6 +330,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise UserError(f"--set {item}: empty part in the key path '{key}'")
     try:
         value = parse_yaml(text) if text.strip() else None
+    except yaml.MarkedYAMLError as exc:
+        raise UserError(f"--set {item}: cannot parse the value '{text}' ({exc.problem})") from None
     except yaml.YAMLError:
         raise UserError(f"--set {item}: cannot parse the value '{text}'") from None
     _check_key_path(path, item)

@@ -3,38 +3,40 @@ their optimizer label, seed and full per-epoch history, so the tables and the ve
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
 
 import yaml
 
+from optcli import signals
 from optcli.compare import Comparison, Trial, build_comparison, write_comparison
 from optcli.config import read_yaml
 from optcli.errors import UserError
-from optcli.runs import create_run_dir
-from optcli.train import History
+from optcli.limits import MAX_SUMMARY_BYTES, read_bounded
+from optcli.run_files import parse_comparison_summary
+from optcli.runs import RunLock, check_run_name, create_run_dir
+from optcli.train import EpochMetrics, History
 from optcli.trials import OptimizerSpec
 
-SECTION_KEYS = ("specs", "seeds", "epochs", "task", "trials")
+EPOCH_FIELDS = [f.name for f in dataclasses.fields(EpochMetrics)]
 
 
 def _read(run_dir: Path) -> tuple[dict, dict]:
+    if not run_dir.exists():
+        raise UserError(f"{run_dir}: no such directory")
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: not a directory; name a comparison's run directory")
     path = run_dir / "summary.json"
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{run_dir}: no summary.json; not a comparison run directory")
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-        missing = [k for k in SECTION_KEYS if k not in summary]
-        if missing:
-            raise UserError(f"{path}: not a comparison summary (missing {', '.join(missing)})")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    summary = parse_comparison_summary(read_bounded(path, limit=MAX_SUMMARY_BYTES, what="summary"), str(path))
     return summary, _config_of(run_dir)
 
 
 def _config_of(run_dir: Path) -> dict:
     """The resolved config a comparison ran with, without its own bookkeeping (specs, seeds, sources)."""
-    config = read_yaml(Path(run_dir) / "config.yaml") if (Path(run_dir) / "config.yaml").is_file() else {}
+    path = Path(run_dir) / "config.yaml"
+    config = read_yaml(path) if path.exists() else {}
     return {
         k: v for k, v in (config if isinstance(config, dict) else {}).items() if k not in ("compare", "merged_from")
     }
@@ -44,12 +46,16 @@ def merge_comparisons(run_dirs: list[str], *, out_dir: str = "runs", name: str |
     """One comparison from several with the same optimizers and epochs; a (optimizer, seed) pair may appear once."""
     if len(run_dirs) < 2:
         raise UserError("merge: name at least two comparison run directories")
+    if name is not None:
+        check_run_name(name, "--name")
     summaries = [_read(Path(d)) for d in run_dirs]
     first, config = summaries[0]
     specs = [OptimizerSpec(s["label"], s["name"], s["kwargs"]) for s in first["specs"]]
     trials: list[Trial] = []
     seen: dict[tuple[str, int], str] = {}
     for run_dir, (summary, _) in zip(run_dirs, summaries, strict=True):
+        if summary.get("status", "completed") != "completed":
+            raise UserError(f"merge: {run_dir} is {summary['status']}; only finished comparisons merge")
         for key in ("specs", "epochs", "task"):
             if summary[key] != first[key]:
                 raise UserError(f"merge: {run_dir} differs from {run_dirs[0]} in {key}; only like comparisons merge")
@@ -62,8 +68,9 @@ def merge_comparisons(run_dirs: list[str], *, out_dir: str = "runs", name: str |
             if pair in seen:
                 raise UserError(f"merge: {t['label']} seed {t['seed']} is in both {seen[pair]} and {run_dir}")
             seen[pair] = run_dir
+            epochs = [{k: e[k] for k in EPOCH_FIELDS if k in e} for e in t["epochs"]]
             history = History.from_dict(
-                {k: t[k] for k in ("epochs", "status", "diverged_at", "test_loss", "test_accuracy")}
+                {"epochs": epochs, **{k: t[k] for k in ("status", "diverged_at", "test_loss", "test_accuracy")}}
                 | {"error": t.get("error")}  # absent from summaries written before trials could fail
             )
             trials.append(Trial(t["label"], t["seed"], history))
@@ -85,5 +92,6 @@ def merge_comparisons(run_dirs: list[str], *, out_dir: str = "runs", name: str |
     out = create_run_dir(out_dir, name, prefix="compare-merged-")
     comparison.run_dir = str(out)
     config_yaml = yaml.safe_dump({**config, "merged_from": [str(d) for d in run_dirs]}, sort_keys=False)
-    write_comparison(config_yaml, comparison, out)
+    with RunLock(out), signals.stop_on_signals(), signals.held():
+        write_comparison(config_yaml, comparison, out)
     return comparison

@@ -4,6 +4,9 @@ run directory up to date (config.yaml, metrics.csv, metrics.jsonl, summary.json,
 from __future__ import annotations
 
 import copy
+import inspect
+import shutil
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,19 +14,28 @@ from pathlib import Path
 
 import torch
 
-from optcli import distributed
+from optcli import distributed, signals
 from optcli.build import build_model_and_optimizer, torch_settings
 from optcli.config import Config, load_config, to_yaml
 from optcli.distributed import SINGLE, Dist
 from optcli.dynamics import epoch_callbacks
-from optcli.errors import RunInterrupted, UserError
+from optcli.errors import RunInterrupted, SystemRefused, UserError
 from optcli.loggers import check_loggers, make_loggers
 from optcli.model import check_model_config, resolve_device
-from optcli.optim import check_optimizer, check_scheduler, needs_closure, resolve_optimizer
+from optcli.optim import (
+    EPOCH_LENGTH_KWARGS,
+    check_optimizer,
+    check_scheduler,
+    needs_closure,
+    resolve_optimizer,
+    scheduler_classes,
+    signature_defaults,
+)
+from optcli.run_files import FORMAT_VERSION
 from optcli.runs import (
+    RunLock,
     atomic_write_text,
     create_run_dir,
-    deferred_sigint,
     load_checkpoint,
     remove_stale_temp_files,
     save_checkpoint,
@@ -35,6 +47,9 @@ from optcli.tasks import load_data
 from optcli.train import History, fit
 
 CHECKPOINT_INTERVAL_S = 1.0  # last.pt is rewritten at most this often (and always after the final epoch)
+# what may change on --resume without changing what the saved state means: where the files go, how the run is
+# displayed or compiled, and train.epochs (more of them, unless a scheduler's length was sized from it)
+RESUMABLE_KEYS = ("name", "out_dir", "device", "train.epochs", "train.log_every", "train.compile")
 
 
 @dataclass
@@ -81,11 +96,23 @@ def training_state(model, optimizer, scheduler) -> dict:
     )
 
 
-def summarize(cfg: Config, history: History, *, device: torch.device, seconds: float, world: int = 1) -> dict:
+def summarize(
+    cfg: Config,
+    history: History,
+    *,
+    device: torch.device,
+    seconds: float,
+    world: int = 1,
+    interrupted_by: str | None = None,
+    error: str | None = None,
+) -> dict:
     best = history.best()
     last = history.epochs[-1] if history.epochs else None
     return {
+        "format": FORMAT_VERSION,
         "status": history.status,
+        "interrupted_by": interrupted_by,  # the signal's name, when status is interrupted
+        "error": error,  # why, when status is failed
         "epochs_completed": len(history.epochs),
         "epochs_planned": cfg.train.epochs,
         "diverged_at": history.diverged_at,
@@ -122,15 +149,21 @@ class RunWriter:
         if force or time.monotonic() - self.last_write >= CHECKPOINT_INTERVAL_S:
             self.flush()
 
-    def flush(self, status: str | None = None, history: History | None = None) -> None:
+    def flush(
+        self,
+        status: str | None = None,
+        history: History | None = None,
+        interrupted_by: str | None = None,
+        error: str | None = None,
+    ) -> None:
         history = history or self.history
         if status is not None:
             history.status = status
-        with deferred_sigint():
+        with signals.held():
             if self.state is not None:
                 checkpoint = {**self.state, "history": history.to_dict(), "config": self.cfg.model_dump(mode="json")}
                 save_checkpoint(self.run_dir / "last.pt", checkpoint)
-            self.write_metrics(history)
+            self.write_metrics(history, interrupted_by=interrupted_by, error=error)
         self.last_write = time.monotonic()
 
     def write_plot(self, history: History | None = None) -> None:
@@ -141,14 +174,30 @@ class RunWriter:
         if history.epochs:
             save_run_plot(history, self.run_dir / "loss.png")
 
-    def write_metrics(self, history: History) -> None:
+    def fail(self, exc: BaseException) -> None:
+        """Mark the run failed with the reason, where the disk still allows it; the summary must not say running."""
+        reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        self.history.status = "failed"
+        try:
+            with signals.held():
+                self.write_metrics(self.history, error=reason)
+        except (OSError, SystemRefused):
+            pass  # the disk that failed the run fails this too; the original error is what gets reported
+
+    def write_metrics(self, history: History, *, interrupted_by: str | None = None, error: str | None = None) -> None:
         if "csv" in self.cfg.train.loggers:
             write_csv(self.run_dir / "metrics.csv", [e.csv_row() for e in history.epochs])
             write_jsonl(self.run_dir / "metrics.jsonl", [vars(e) for e in history.epochs])
         write_json(
             self.run_dir / "summary.json",
             summarize(
-                self.cfg, history, device=self.device, seconds=time.perf_counter() - self.started, world=self.world
+                self.cfg,
+                history,
+                device=self.device,
+                seconds=time.perf_counter() - self.started,
+                world=self.world,
+                interrupted_by=interrupted_by,
+                error=error,
             ),
         )
 
@@ -163,20 +212,45 @@ def train_run(
 ) -> TrainResult:
     """One training run; under torchrun, one rank of a DistributedDataParallel job (only rank 0 writes and reports)."""
     dist = distributed.from_env()
-    device = distributed.init(dist, preflight(cfg, dist))
-    try:
-        with torch_settings(cfg):
-            return _train(
-                cfg, dist=dist, device=device, resume=resume, on_start=on_start, on_epoch=on_epoch, on_batch=on_batch
-            )
-    finally:
-        distributed.shutdown(dist)
+    with signals.stop_on_signals():
+        device = distributed.init(dist, preflight(cfg, dist))
+        try:
+            with torch_settings(cfg):
+                return _train(
+                    cfg,
+                    dist=dist,
+                    device=device,
+                    resume=resume,
+                    on_start=on_start,
+                    on_epoch=on_epoch,
+                    on_batch=on_batch,
+                )
+        except KeyboardInterrupt as exc:  # before a run directory was written to, or on a rank that writes none
+            raise RunInterrupted(None, signals.signum_of(exc)) from None
+        finally:
+            distributed.shutdown(dist)
 
 
 def _train(
     cfg: Config, *, dist: Dist, device: torch.device, resume: str | None, on_start, on_epoch, on_batch
 ) -> TrainResult:
+    # the lock is taken before the checkpoint is read, so that two resumes never both read and then both write
+    lock = RunLock(resume).acquire() if resume and dist.primary else None
+    try:
+        return _train_locked(
+            cfg, dist=dist, device=device, resume=resume, on_start=on_start, on_epoch=on_epoch, on_batch=on_batch
+        )
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(
+    cfg: Config, *, dist: Dist, device: torch.device, resume: str | None, on_start, on_epoch, on_batch
+) -> TrainResult:
     checkpoint = load_checkpoint(Path(resume) / "last.pt") if resume else None
+    if checkpoint is not None:
+        check_resume(checkpoint, cfg, str(resume))  # before anything is written
     data = load_data(cfg.data, device)
     model, optimizer, scheduler = build_model_and_optimizer(cfg, data, device)
     history = _restore(checkpoint, model, optimizer, scheduler, str(resume)) if checkpoint is not None else History()
@@ -189,13 +263,22 @@ def _train(
         train_model = torch.compile(train_model)
     start_epoch = len(history.epochs) + 1
     writer = None
+    lock = None
     if dist.primary:
         if resume:
             run_dir = Path(resume)
             remove_stale_temp_files(run_dir)
         else:
             run_dir = create_run_dir(cfg.out_dir, cfg.name, prefix="train-")
-        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+            lock = RunLock(run_dir).acquire()
+        try:
+            atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        except BaseException:
+            if not resume:  # nothing of this run was saved: leave no directory behind
+                if lock is not None:
+                    lock.release()
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         writer = RunWriter(run_dir, cfg, device, dist.world)
         if on_start is not None:
             on_start(run_dir, start_epoch, data)
@@ -229,20 +312,78 @@ def _train(
             dist=dist,
             callbacks=callbacks,
         )
-    except KeyboardInterrupt:
+        if writer is not None:
+            writer.flush(history=history)  # the final status and the test metrics
+            writer.write_plot(history)
+    except BaseException as exc:
+        # a stop signal; or, once one arrived, whatever it broke (a collective whose peer rank stopped first)
+        stopped = isinstance(exc, KeyboardInterrupt) or signals.received() is not None
+        signum = signals.signum_of(exc)
         if writer is None:
+            if stopped:
+                raise RunInterrupted(None, signum) from None
             raise
-        writer.flush(status="interrupted")
+        if not stopped:
+            writer.fail(exc)
+            raise
+        writer.flush(status="interrupted", interrupted_by=signal.Signals(signum).name)
         writer.write_plot()
-        raise RunInterrupted(str(writer.run_dir)) from None
+        raise RunInterrupted(str(writer.run_dir), signum) from None
     finally:
         for callback in callbacks:
             callback.close()
-    if writer is not None:
-        writer.flush(history=history)  # the final status and the test metrics
-        writer.write_plot(history)
+        if lock is not None:
+            lock.release()
     summary = summarize(cfg, history, device=device, seconds=time.perf_counter() - started, world=dist.world)
     return TrainResult(writer.run_dir if writer else None, history, summary, start_epoch, dist.primary)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _schedule_sized_from_epochs(cfg: Config) -> bool:
+    if cfg.scheduler is None:
+        return False
+    cls = scheduler_classes().get(cfg.scheduler.name.lower())
+    if cls is None:
+        return False
+    defaults = signature_defaults(cls)
+    return any(
+        k in defaults and k not in cfg.scheduler.kwargs and defaults[k] in (inspect.Parameter.empty, None)
+        for k in EPOCH_LENGTH_KWARGS
+    )
+
+
+def check_resume(checkpoint: dict, cfg: Config, run_dir: str) -> None:
+    """A resumed run goes on with the config it was saved with: only RESUMABLE_KEYS may differ (a config.yaml
+    edited on disk counts), and train.epochs only upwards and only when no schedule was sized from it."""
+    missing = object()
+    old, new = _flatten(checkpoint["config"]), _flatten(cfg.model_dump(mode="json"))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k, missing) != new.get(k, missing))
+    done = len(checkpoint["history"]["epochs"])
+    refused = [k for k in changed if k not in RESUMABLE_KEYS]
+    why = ""
+    if "train.epochs" in changed and _schedule_sized_from_epochs(cfg):
+        refused.append("train.epochs")
+        why = f"; scheduler {cfg.scheduler.name if cfg.scheduler else ''} was sized from train.epochs"
+    if refused:
+        parts = "; ".join(f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in sorted(refused))
+        raise UserError(
+            f"--resume {run_dir}: would change what the saved state means ({parts}){why}; only "
+            f"{', '.join(RESUMABLE_KEYS)} may change on resume: start a new run instead"
+        )
+    if cfg.train.epochs < done:
+        raise UserError(
+            f"--resume {run_dir}: train.epochs: {cfg.train.epochs} is fewer than the {done} epochs already trained"
+        )
 
 
 def _restore(checkpoint: dict, model, optimizer, scheduler, resume: str) -> History:

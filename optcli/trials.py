@@ -1,9 +1,12 @@
 """One trial (an optimizer spec trained from one seed) and the runners that execute many of them.
 
 Every runner has the same interface: `run(plan)` takes (spec, seed) pairs and returns their histories in plan
-order; `close()` releases what it holds (it is a context manager). A trial's result depends only on
-(config, spec, seed) and on torch's thread count (parallel sums are split by thread), so runners with the
-same threads per trial give bit-identical results.
+order; `close()` releases what it holds (it is a context manager). A stop signal (Ctrl-C, SIGTERM, ...; see
+signals.py) during `run` ends every trial under way, workers included, and raises TrialsInterrupted with the
+histories in plan order: the finished ones as they are, the others marked `interrupted`.
+
+A trial's result depends only on (config, spec, seed) and on torch's thread count (parallel sums are split by
+thread), so runners with the same threads per trial give bit-identical results.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from optcli import signals
 from optcli.build import build_model_and_optimizer, seed_torch
 from optcli.config import Config, OptimizerConfig, optimizer_config
 from optcli.dynamics import epoch_callbacks
@@ -37,6 +41,19 @@ class OptimizerSpec:
 
 
 Plan = list[tuple[OptimizerSpec, int]]
+
+
+class TrialsInterrupted(Exception):
+    """A stop signal ended a plan: `histories` in plan order, unfinished trials with status `interrupted`."""
+
+    def __init__(self, histories: list[History], signum: int):
+        super().__init__(f"interrupted by signal {signum}")
+        self.histories, self.signum = histories, signum
+
+
+def _interrupted(done: dict[int, History], plan: Plan, exc: BaseException) -> TrialsInterrupted:
+    histories = [done.get(i) or History(status="interrupted") for i in range(len(plan))]
+    return TrialsInterrupted(histories, signals.signum_of(exc))
 
 
 @dataclass
@@ -91,14 +108,17 @@ class SerialRunner(TrialRunner):
         self.cfg, self.data = cfg, data
 
     def run(self, plan: Plan) -> list[History]:
-        cb, histories = self.callbacks, []
-        for spec, seed in plan:
-            if cb.on_trial_start:
-                cb.on_trial_start(spec.label, seed)
-            histories.append(run_trial(self.cfg, self.data, spec, seed, on_epoch=cb.on_epoch))
-            if cb.on_trial_done:
-                cb.on_trial_done(spec.label, seed, histories[-1])
-        return histories
+        cb, done = self.callbacks, {}
+        try:
+            for i, (spec, seed) in enumerate(plan):
+                if cb.on_trial_start:
+                    cb.on_trial_start(spec.label, seed)
+                done[i] = run_trial(self.cfg, self.data, spec, seed, on_epoch=cb.on_epoch)
+                if cb.on_trial_done:
+                    cb.on_trial_done(spec.label, seed, done[i])
+        except KeyboardInterrupt as exc:  # the epoch under way is abandoned, like a single run's
+            raise _interrupted(done, plan, exc) from None
+        return [done[i] for i in range(len(plan))]
 
 
 def threads_per_job(jobs: int) -> int:
@@ -114,6 +134,7 @@ def _init_worker(cfg_json: dict, threads: int) -> None:
     from optcli.model import resolve_device
     from optcli.tasks import load_data
 
+    signals.ignore_in_worker()  # the parent decides when to stop, and ends its workers itself
     cfg = Config.model_validate(cfg_json)
     # before any parallel work, so that the thread pool inherits it; a worker lives for one comparison only
     torch.set_flush_denormal(cfg.train.flush_denormal)
@@ -142,15 +163,37 @@ class ProcessPoolRunner(TrialRunner):
 
     def run(self, plan: Plan) -> list[History]:
         futures = [self.pool.submit(_run_in_worker, spec, seed) for spec, seed in plan]
-        results = []
-        for (spec, seed), future in zip(plan, futures, strict=True):
-            results.append(future.result())
-            if self.callbacks.on_trial_done:
-                self.callbacks.on_trial_done(spec.label, seed, results[-1])
-        return results
+        done: dict[int, History] = {}
+        try:
+            for i, ((spec, seed), future) in enumerate(zip(plan, futures, strict=True)):
+                done[i] = future.result()
+                if self.callbacks.on_trial_done:
+                    self.callbacks.on_trial_done(spec.label, seed, done[i])
+        except KeyboardInterrupt as exc:
+            self.terminate()
+            finished = {i: f.result() for i, f in enumerate(futures) if i not in done and _finished(f)}
+            raise _interrupted({**done, **finished}, plan, exc) from None
+        return [done[i] for i in range(len(plan))]
+
+    def terminate(self) -> None:
+        """End every worker now (SIGTERM, which a worker leaves at its default): a trial under way is abandoned.
+        ProcessPoolExecutor has no public way to end workers before Python 3.14's terminate_workers()."""
+        processes = list((getattr(self.pool, "_processes", None) or {}).values())
+        for p in processes:
+            if p.is_alive():
+                p.terminate()
+        for p in processes:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
     def close(self) -> None:
         self.pool.shutdown(cancel_futures=True)
+
+
+def _finished(future: Any) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
 
 
 def import_ray():

@@ -205,15 +205,18 @@ def test_bad_input_is_one_clear_line(case, command, make_args, code, fragment, t
 
 
 def test_unreadable_config_is_a_user_error(tmp_path, monkeypatch):
-    from pathlib import Path
+    import os
 
     path = tmp_path / "c.yaml"
     path.write_text("seed: 1\n")
+    real_open = os.open
 
-    def denied(self):
-        raise PermissionError(13, "Permission denied")
+    def denied(file, *args, **kwargs):
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied")
+        return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", denied)  # root reads every file, so chmod 000 proves nothing here
+    monkeypatch.setattr(os, "open", denied)  # root reads every file, so chmod 000 proves nothing here
     result = cli("train", "--config", path)
     assert result.exit_code == 2 and "cannot read the file (permission denied)" in result.output
 

@@ -35,6 +35,7 @@ def test_run_directory_holds_every_file(tmp_path):
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "runs" / "myrun"
     assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".lock",  # the run's lock: empty of meaning once its process ends (see runs.RunLock)
         "config.yaml",
         "last.pt",
         "loss.png",
