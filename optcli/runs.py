@@ -216,6 +216,8 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.exists():
         raise UserError(f"{path}: no such checkpoint")
     data = read_bounded(path, limit=MAX_CHECKPOINT_BYTES, what="checkpoint")
+    if not data.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or a legacy pickle
+        raise UserError(f"{path}: not a readable checkpoint (not a file written by torch.save)")
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
