@@ -169,8 +169,10 @@ def test_train_ends_on_every_stop_signal_like_ctrl_c_and_resumes_exactly(tmp_pat
     assert summary["status"] == "interrupted" and summary["interrupted_by"] == signal.Signals(sig).name
     done = summary["epochs_completed"]
     assert len(load_checkpoint(run_dir)["history"]["epochs"]) == done > 0
-    # --resume is exact: the same weights, bit for bit, as one uninterrupted run of done + 2 epochs
-    assert cli("train", "--resume", run_dir, "--set", f"train.epochs={done + 2}").exit_code == 0
+    # --resume is exact: the same weights, bit for bit, as one uninterrupted run of done + 2 epochs (both in
+    # processes of their own with one thread: torch splits parallel sums by thread)
+    resumed = _start(["-m", "optcli", "train", "--resume", str(run_dir), "--set", f"train.epochs={done + 2}"], tmp_path)
+    assert resumed.wait(timeout=120) == 0
     whole = _start(["-m", "optcli", "train", *args, "--set", f"train.epochs={done + 2}", "--set", "name=w"], tmp_path)
     assert whole.wait(timeout=120) == 0
     a, b = load_checkpoint(run_dir), load_checkpoint(tmp_path / "runs" / "w")
@@ -216,10 +218,23 @@ def test_parallel_compare_ends_its_workers_and_marks_their_trials(tmp_path, sig)
     assert [t["status"] for t in summary["trials"]] == ["interrupted", "interrupted"]
 
 
+def _wait_for_handler(proc, sig, timeout: float = 90) -> None:
+    """Until the process catches `sig` (its bit in SigCgt of /proc/<pid>/status): optcli is past its imports."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+        if caught & (1 << (sig - 1)):
+            return
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 def test_serial_compare_saves_what_finished_on_sigterm(tmp_path):
     proc = _start(["-m", "optcli", "compare", "sgd", "adam", "--epochs", "100000", "--set", "name=c"], tmp_path)
-    time.sleep(8)
+    _wait_for_handler(proc, signal.SIGTERM)
+    time.sleep(1)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 143, out
