@@ -268,7 +268,7 @@ def lr_find(
     min_lr: float = typer.Option(1e-7, "--min-lr", metavar="LR", help="First learning rate."),
     max_lr: float = typer.Option(10.0, "--max-lr", metavar="LR", help="Last learning rate."),
     steps: int = typer.Option(100, "--steps", metavar="N", help="Training steps, the lr rising exponentially."),
-    smoothing: float = typer.Option(0.98, "--smoothing", metavar="BETA", help="EMA factor of the smoothed loss."),
+    smoothing: float = typer.Option(0.9, "--smoothing", metavar="BETA", help="EMA factor of the smoothed loss."),
     diverge: float = typer.Option(4.0, "--diverge", metavar="X", help="Stop once the loss exceeds X times its min."),
     rule: str = typer.Option("steepest", "--rule", help="Suggestion: steepest (descent) or minimum (lr at min / 10)."),
     plot: Path = typer.Option(Path("lr_find.png"), "--plot", metavar="FILE", help="Where to write the plot."),

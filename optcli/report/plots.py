@@ -75,7 +75,7 @@ def save_lr_find_plot(r, path) -> None:
         ax.set_ylim(min(min(r.smoothed), min(r.losses)) * 0.8, top * 1.5)
     ax.set_xlabel("learning rate (log scale)")
     ax.set_ylabel("training loss")
-    ax.set_title(f"Learning-rate range test: {r.optimizer}, {len(r.smoothed)} steps, stopped at {r.stopped}")
+    ax.set_title(f"Learning-rate range test: {r.optimizer}, {len(r.smoothed)} steps, stopped: {r.stopped}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()

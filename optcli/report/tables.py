@@ -193,7 +193,8 @@ def lr_find_table(r, rows: int = 12) -> Table:
         cells = [str(i + 1), fmt(r.lrs[i], 3), fmt(r.losses[i]), fmt(r.smoothed[i])]
         table.add_row(*([f"[bold green]{c}[/]" for c in cells] if i == r.suggestion_index else cells))
     # clipped at the starting loss so that the final blow-up does not flatten the rest of the curve
-    table.caption = "smoothed loss, log scale: " + sparkline([min(v, r.smoothed[0]) for v in r.smoothed] if n else [])
+    clipped = [min(v, r.smoothed[0]) for v in r.smoothed] if n else []
+    table.caption = "smoothed loss (log): " + sparkline(clipped, width=25)
     return table
 
 
