@@ -9,8 +9,8 @@ from pathlib import Path
 import yaml
 
 from optcli import signals
-from optcli.compare import Comparison, Trial, build_comparison, write_comparison
-from optcli.config import read_yaml
+from optcli.compare import Comparison, Trial, build_comparison, describe_function, write_comparison
+from optcli.config import DataConfig, read_yaml
 from optcli.errors import UserError
 from optcli.limits import MAX_SUMMARY_BYTES, read_bounded
 from optcli.run_files import parse_comparison_summary
@@ -91,6 +91,8 @@ def merge_comparisons(run_dirs: list[str], *, out_dir: str = "runs", name: str |
     )
     out = create_run_dir(out_dir, name, prefix="compare-merged-")
     comparison.run_dir = str(out)
+    if first["task"] == "function":  # the trajectories need each seed's start point, rebuilt from the config
+        comparison.function = describe_function(DataConfig(**config["data"]), seeds, trials)
     config_yaml = yaml.safe_dump({**config, "merged_from": [str(d) for d in run_dirs]}, sort_keys=False)
     with RunLock(out), signals.stop_on_signals(), signals.held():
         write_comparison(config_yaml, comparison, out)

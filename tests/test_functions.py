@@ -113,3 +113,19 @@ def test_compare_draws_trajectories_and_reports_distance_and_value(tmp_path, rep
 )
 def test_bad_function_settings_are_one_line(args, fragment, tmp_path):
     assert_user_error(cli("train", *args), fragment, tmp_path)
+
+
+@pytest.mark.slow
+def test_merged_function_comparisons_draw_trajectories_from_every_seed(tmp_path, repo_root):
+    config = repo_root / "configs" / "rosenbrock.yaml"
+    for seed in (0, 1):
+        result = cli(
+            "compare", "sgd", "adam", "-c", config, "--epochs", "5", "--set", f"seed={seed}", "--set", f"name=s{seed}"
+        )
+        assert result.exit_code == 0, result.output
+    result = cli("merge", "runs/s0", "runs/s1", "--name", "both")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "runs" / "both" / "summary.json").read_text())
+    starts = summary["function"]["starts"]
+    assert sorted(starts) == ["0", "1"] and starts["0"] != starts["1"]
+    assert (tmp_path / "runs" / "both" / "trajectories.png").exists()
