@@ -376,7 +376,11 @@ def vectorized_section(data_root: str, args, out_dir: str) -> None:
     print("\n5. 3 optimizers x 5 seeds, the seeds stacked (--vectorize) against the plain path (this process)")
     run_comparison(load_config(None, ["train.epochs=2", f"out_dir={out_dir}"]), ["adam"], seeds=2)  # warm-up
     tasks = [
-        ("regression (default task)", None, []),
+        (
+            f"regression (default task), {args.regression_epochs} epochs",
+            None,
+            [f"train.epochs={args.regression_epochs}"],
+        ),
         (
             f"MNIST, model.hidden=[128], {args.compare_epochs} epochs",
             ROOT / "configs" / "mnist_mlp.yaml",
@@ -402,11 +406,16 @@ def vectorized_section(data_root: str, args, out_dir: str) -> None:
         )
 
 
-def backend_section(data_root: str, out_dir: str) -> None:
-    print("\n6. the 3 x 5 regression comparison (default task, fresh process each; wall time of run_comparison)")
+def backend_section(data_root: str, args, out_dir: str) -> None:
+    print(
+        f"\n6. the 3 x 5 regression comparison (default task, {args.regression_epochs} epochs; a fresh process each, "
+        "wall time of run_comparison)"
+    )
     walls = {}
     for what, jobs, backend in (("serial", 1, "local"), ("--jobs 2", 2, "local"), ("--backend ray", 1, "ray")):
-        r = run_compare(data_root, 500, jobs, out_dir, config=None, specs=SPECS, seeds=5, backend=backend)
+        r = run_compare(
+            data_root, args.regression_epochs, jobs, out_dir, config=None, specs=SPECS, seeds=5, backend=backend
+        )
         walls[what] = r["wall"]
         extra = (
             " (local Ray instance of this machine's 2 CPUs, 1 CPU per trial, started inside)"
@@ -463,6 +472,9 @@ def main() -> int:
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"), help="folder holding MNIST/raw")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per loop (after one warm-up)")
     parser.add_argument("--compare-epochs", type=int, default=3, help="epochs per trial in the compare measurement")
+    parser.add_argument(
+        "--regression-epochs", type=int, default=500, help="epochs per trial of the 3 x 5 regression comparisons"
+    )
     parser.add_argument("--compile", action="store_true", help="also time train.compile=true")
     parser.add_argument(
         "--only",
@@ -489,7 +501,7 @@ def main() -> int:
     if run("vectorize"):
         vectorized_section(data_root, args, out_dir)
     if run("backends"):
-        backend_section(data_root, out_dir)
+        backend_section(data_root, args, out_dir)
     if run("startup"):
         startup_section(out_dir)
     if run("memory"):
