@@ -29,6 +29,7 @@ from torch import nn
 
 from optcli.build import seed_torch
 from optcli.config import Config
+from optcli.dynamics import Dynamics
 from optcli.model import MLP, build_model, dropout_mask
 from optcli.optim import build_optimizer, build_scheduler, resolve_optimizer, scheduler_classes
 from optcli.tasks import Data, Split, epoch_permutation
@@ -153,6 +154,41 @@ def retire(model: StackedMLP, optimizer: torch.optim.Optimizer, keep: list[int])
                 optimizer.state[p][key] = value[index]
 
 
+class _SeedSlice:
+    """One seed's slice of a stacked parameter, seen as a parameter by dynamics.Dynamics (grad, detach())."""
+
+    def __init__(self, param: nn.Parameter, view: _SeedView):
+        self.param, self.view, self.requires_grad, self.device = param, view, param.requires_grad, param.device
+
+    @property
+    def grad(self) -> torch.Tensor | None:
+        return None if self.param.grad is None else self.param.grad[self.view.slot]
+
+    def detach(self) -> torch.Tensor:
+        return self.param.detach()[self.view.slot]
+
+
+class _SeedView:
+    """One seed of a StackedMLP as dynamics.Dynamics reads a model: named parameters, here its slices."""
+
+    def __init__(self, model: StackedMLP, slot: int):
+        self.model, self.slot = model, slot
+
+    def named_parameters(self):
+        return [(name, _SeedSlice(p, self)) for name, p in self.model.named_parameters()]
+
+
+def seed_state_bytes(optimizer: torch.optim.Optimizer, seeds: int) -> int:
+    """The bytes one seed's plain optimizer would hold: its slice of every per-entry state tensor, and the
+    per-tensor ones (Adam's step) whole."""
+    total = 0
+    for p, state in optimizer.state.items():
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                total += v.numel() * v.element_size() // (seeds if v.shape == p.shape else 1)
+    return total
+
+
 def _sample_sum(loss: torch.Tensor, n: int, reduction: str) -> torch.Tensor:
     return loss * n if reduction == "mean" else loss
 
@@ -216,6 +252,9 @@ def fit_stacked(
     loss_fn = make_loss(cfg)
     histories = {seed: History() for seed in seeds}
     live = list(seeds)
+    views = {seed: _SeedView(model, slot) for slot, seed in enumerate(seeds)}
+    # per seed, the measurements dynamics.Dynamics takes of a plain run, on the seed's slices
+    dynamics = {seed: Dynamics(views[seed], optimizer) for seed in seeds} if cfg.train.dynamics else {}  # type: ignore[arg-type]
     for epoch in range(1, cfg.train.epochs + 1):
         t0 = time.perf_counter()
         perms = torch.stack([epoch_permutation(len(data.train), seed, epoch, device) for seed in live])
@@ -231,9 +270,11 @@ def fit_stacked(
             if bad_step is None and val_loss is not None and not math.isfinite(val_loss):
                 bad_step = len(column)
             history = histories[seed]
-            history.epochs.append(
-                EpochMetrics(epoch, column.sum().item() / len(data.train), val_loss, val_acc, lr, seconds)
-            )
+            metrics = EpochMetrics(epoch, column.sum().item() / len(data.train), val_loss, val_acc, lr, seconds)
+            if seed in dynamics:
+                dynamics[seed].epoch_end(metrics, column)
+                metrics.dynamics["state_bytes"] = seed_state_bytes(optimizer, len(live))  # type: ignore[index]
+            history.epochs.append(metrics)
             if bad_step is not None:
                 history.status, history.diverged_at = "diverged", {"epoch": epoch, "step": bad_step}
                 diverged.append(s)
@@ -241,12 +282,19 @@ def fit_stacked(
                 on_epoch(history)
         if diverged:
             keep = [s for s in range(len(live)) if s not in diverged]
+            for s in diverged:
+                if live[s] in dynamics:
+                    dynamics.pop(live[s]).close()
             live = [live[s] for s in keep]
             if not live:
                 break
             retire(model, optimizer, keep)
+            for slot, seed in enumerate(live):
+                views[seed].slot = slot
         if scheduler is not None:  # epoch-driven only (stacking_refusal): the same for every seed
             scheduler.step()
+    for callback in dynamics.values():
+        callback.close()
     for seed in live:
         histories[seed].status = "completed"
     if data.test is not None and live:

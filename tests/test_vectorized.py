@@ -107,6 +107,13 @@ def _assert_histories_close(vec, plain) -> None:
         assert len(tv.history.epochs) == len(tp.history.epochs)
         for ev, ep in zip(tv.history.epochs, tp.history.epochs, strict=True):
             assert ev.lr == ep.lr
+            if ep.dynamics is not None:  # train.dynamics (on by default): measured per seed on its slices
+                assert ev.dynamics["state_bytes"] == ep.dynamics["state_bytes"]
+                assert ev.dynamics["layers"].keys() == ep.dynamics["layers"].keys()
+                for layer, d in ep.dynamics["layers"].items():
+                    # a norm of gradients that carry the perturbation argued at RTOL; 10x for the loss surface
+                    # turning a relative change of the weights into a larger one of a small gradient
+                    assert ev.dynamics["layers"][layer]["grad_norm"] == pytest.approx(d["grad_norm"], rel=10 * RTOL)
             for key in ("train_loss", "val_loss"):
                 a, b = getattr(ev, key), getattr(ep, key)
                 assert (a is None) == (b is None), key
