@@ -266,10 +266,13 @@ class RayRunner(TrialRunner):
                 spec, seed = plan[i]
                 if self.callbacks.on_trial_done:
                     self.callbacks.on_trial_done(spec.label, seed, history)
-        except BaseException:
+        except BaseException as exc:
             self.cancelled = list(pending)
             for ref in self.cancelled:
                 ray.cancel(ref, force=True)
+            if isinstance(exc, KeyboardInterrupt):  # Ctrl-C or a stop signal: keep the finished trials
+                done_trials = {i: h for i, h in enumerate(results) if h is not None}
+                raise _interrupted(done_trials, plan, exc) from None
             raise
         finally:
             if signal.getsignal(signal.SIGTERM) is _raise_interrupt:

@@ -34,7 +34,7 @@ from optcli.model import MLP, build_model, dropout_mask
 from optcli.optim import build_optimizer, build_scheduler, resolve_optimizer, scheduler_classes
 from optcli.tasks import Data, Split, epoch_permutation
 from optcli.train import EVAL_BATCH, EpochMetrics, History, make_loss
-from optcli.trials import OptimizerSpec, Plan, TrialCallbacks, TrialRunner, run_trial
+from optcli.trials import OptimizerSpec, Plan, TrialCallbacks, TrialRunner, _interrupted, run_trial
 
 # The one place that says which optimizers update elementwise, as (module, class): their step reads an entry's
 # own gradient and state and per-tensor scalars that depend on the step count only. tests/test_vectorized.py
@@ -315,9 +315,17 @@ class StackedRunner(TrialRunner):
     def run(self, plan: Plan) -> list[History]:
         groups: dict[str, tuple[OptimizerSpec, list[int]]] = {}
         for spec, seed in plan:
-            key = json.dumps([spec.label, spec.name, spec.kwargs], sort_keys=True, default=str)
+            key = _group_key(spec)
             groups.setdefault(key, (spec, []))[1].append(seed)
         results: dict[tuple[str, int], History] = {}
+        try:
+            self._run_groups(groups, results)
+        except KeyboardInterrupt as exc:  # a stop signal: the finished trials are kept, as the serial runner keeps them
+            keys = [(_group_key(s), seed) for s, seed in plan]
+            raise _interrupted({i: results[k] for i, k in enumerate(keys) if k in results}, plan, exc) from None
+        return [results[(_group_key(s), seed)] for s, seed in plan]
+
+    def _run_groups(self, groups: dict, results: dict) -> None:
         cb = self.callbacks
         for key, (spec, seeds) in groups.items():
             reason = stacking_refusal(self.cfg, spec, self.data.train.x.device) if len(seeds) > 1 else "one seed"
@@ -334,6 +342,8 @@ class StackedRunner(TrialRunner):
                 results[(key, seed)] = history
                 if cb.on_trial_done:
                     cb.on_trial_done(spec.label, seed, history)
-        return [
-            results[(json.dumps([s.label, s.name, s.kwargs], sort_keys=True, default=str), seed)] for s, seed in plan
-        ]
+
+
+def _group_key(spec: OptimizerSpec) -> str:
+    """Trials with equal keys differ only in their seed (tuning trials share a label but not an lr)."""
+    return json.dumps([spec.label, spec.name, spec.kwargs], sort_keys=True, default=str)

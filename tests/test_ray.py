@@ -8,7 +8,7 @@ import pytest
 
 from optcli.compare import run_comparison
 from optcli.config import load_config
-from optcli.trials import RayRunner, TrialCallbacks
+from optcli.trials import RayRunner, TrialCallbacks, TrialsInterrupted
 from tests.conftest import cli
 
 ray = pytest.importorskip("ray")
@@ -63,8 +63,9 @@ def test_an_interruption_cancels_the_pending_tasks(local_ray):
     from optcli.compare import parse_specs
 
     plan = [(spec, seed) for seed in range(3) for spec in parse_specs(specs)]
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(TrialsInterrupted) as info:
         runner.run(plan)
+    assert [h.status for h in info.value.histories].count("interrupted") == len(plan) - 1
     assert len(runner.cancelled) == len(plan) - 1
     for ref in runner.cancelled:
         with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.WorkerCrashedError)):
