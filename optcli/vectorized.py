@@ -336,12 +336,12 @@ class StackedRunner(TrialRunner):
                     cb.on_trial_start(spec.label, seed)
             if reason is None:
                 histories = fit_stacked(self.cfg, self.data, spec, seeds, on_epoch=cb.on_epoch)
-            else:
-                histories = [run_trial(self.cfg, self.data, spec, seed, on_epoch=cb.on_epoch) for seed in seeds]
-            for seed, history in zip(seeds, histories, strict=True):
-                results[(key, seed)] = history
+                results.update({(key, seed): h for seed, h in zip(seeds, histories, strict=True)})
+            for seed in seeds:
+                if reason is not None:  # stored one by one, so that an interruption keeps the finished ones
+                    results[(key, seed)] = run_trial(self.cfg, self.data, spec, seed, on_epoch=cb.on_epoch)
                 if cb.on_trial_done:
-                    cb.on_trial_done(spec.label, seed, history)
+                    cb.on_trial_done(spec.label, seed, results[(key, seed)])
 
 
 def _group_key(spec: OptimizerSpec) -> str:
