@@ -22,6 +22,7 @@ from optcli.errors import RunInterrupted, UserError
 from optcli.loggers import TENSORBOARD_DIR, check_loggers, trial_dir_name, write_history
 from optcli.model import check_model_config, resolve_device
 from optcli.optim import (
+    canonical_name,
     check_kwargs,
     check_optimizer,
     check_scheduler,
@@ -95,14 +96,14 @@ def parse_specs(texts: list[str]) -> list[OptimizerSpec]:
     specs = []
     for text in texts:
         name, kwargs = parse_spec(text)
-        cls = resolve_optimizer(name)
+        cls = resolve_optimizer(name, f"optimizer spec '{text}'")
         kwargs = check_kwargs(f"optimizer spec '{text}'", cls, kwargs)
-        spec_cfg = optimizer_config(cls.__name__, kwargs, f"optimizer spec '{text}'")
+        spec_cfg = optimizer_config(canonical_name(cls), kwargs, f"optimizer spec '{text}'")
         try:
             check_optimizer(spec_cfg)
         except UserError as exc:
             raise UserError(f"optimizer spec '{text}': {str(exc).removeprefix('optimizer: ')}") from None
-        specs.append(OptimizerSpec(text.strip().lower() if kwargs else cls.__name__.lower(), cls.__name__, kwargs))
+        specs.append(OptimizerSpec(text.strip().lower() if kwargs else cls.__name__.lower(), spec_cfg.name, kwargs))
     counts: dict[str, int] = {}
     for spec in specs:
         counts[spec.label] = counts.get(spec.label, 0) + 1

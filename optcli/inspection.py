@@ -16,6 +16,7 @@ from optcli.errors import UserError
 from optcli.model import resolve_device
 from optcli.optim import (
     build_optimizer,
+    canonical_name,
     check_optimizer,
     needs_closure,
     parse_spec,
@@ -23,6 +24,7 @@ from optcli.optim import (
     step_with_closure,
 )
 from optcli.runs import load_checkpoint
+from optcli.stepping import optimizer_mode, set_mode
 from optcli.tasks import epoch_permutation, load_data, task_shape
 from optcli.train import make_loss
 
@@ -43,6 +45,7 @@ class Inspection:
     modes: dict
     step: dict | None = None
     notes: list[str] = field(default_factory=list)
+    optimizer_mode: str | None = None  # "train" | "eval" for optimizers with modes (schedule-free), else None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -194,6 +197,7 @@ def one_step(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, de
         return loss
 
     model.train()
+    set_mode(optimizer, training=True)
     optimizer.zero_grad(set_to_none=True)
     loss = forward_backward()
     grads = {n: None if p.grad is None else p.grad.detach().clone() for n, p in params}
@@ -274,7 +278,11 @@ def inspect_params(
         name, kwargs = parse_spec(optimizer_spec)
         cfg = cfg.model_copy(
             update={
-                "optimizer": optimizer_config(resolve_optimizer(name).__name__, kwargs, f"--optimizer {optimizer_spec}")
+                "optimizer": optimizer_config(
+                    canonical_name(resolve_optimizer(name, f"--optimizer {optimizer_spec}")),
+                    kwargs,
+                    f"--optimizer {optimizer_spec}",
+                )
             }
         )
     check_optimizer(cfg.optimizer)
@@ -326,4 +334,5 @@ def _inspect(
     if step:
         result.step = one_step(cfg, model, optimizer, device)
         result.optimizer_state = describe_optimizer_state(optimizer, model)
+    result.optimizer_mode = optimizer_mode(optimizer)
     return result

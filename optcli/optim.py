@@ -1,11 +1,16 @@
-"""Optimizers and schedulers looked up in torch by name, their keyword arguments checked against signatures.
+"""Optimizers and schedulers looked up by name, their keyword arguments checked against signatures.
 
-torch.optim is the registry: nothing here lists optimizers by hand.
+An optimizer name is resolved in this order: torch.optim (case-insensitive), then pytorch-optimizer's registry
+when it is installed, then an import path (`pkg.module:Class` or `pkg.module.Class`). Nothing here lists
+optimizers by hand. The modes (train/eval of schedule-free optimizers) and closure rules live in optimizer_kind.py.
 """
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
+import importlib
+import importlib.util
 import inspect
 import re
 from collections.abc import Callable
@@ -15,6 +20,7 @@ import torch
 import yaml
 from torch import nn
 
+from optcli import stepping
 from optcli.config import OptimizerConfig, SchedulerConfig, parse_yaml
 from optcli.errors import UserError
 
@@ -46,12 +52,98 @@ def _lookup(kind: str, name: str, classes: dict[str, type]) -> type:
     cls = classes.get(name.lower())
     if cls is None:
         valid = ", ".join(c.__name__ for c in classes.values())
-        raise UserError(f"{kind}: unknown name '{name}' (valid: {valid})")
+        raise UserError(f"{kind}: unknown name '{name}'{_did_you_mean(name, list(classes))} (valid: {valid})")
     return cls
 
 
-def resolve_optimizer(name: str) -> type[torch.optim.Optimizer]:
-    return _lookup("optimizer.name", name, optimizer_classes())
+def _did_you_mean(name: str, candidates: list[str]) -> str:
+    hint = difflib.get_close_matches(name.lower(), candidates, n=1, cutoff=0.6)
+    return f" (did you mean '{hint[0]}'?)" if hint else ""
+
+
+def zoo_installed() -> bool:
+    return importlib.util.find_spec("pytorch_optimizer") is not None
+
+
+def registry_classes() -> dict[str, type]:
+    """pytorch-optimizer's registry (name -> class), empty when it is not installed. Imported only when a name is
+    not in torch.optim: importing it costs about two seconds."""
+    if not zoo_installed():
+        return {}
+    import pytorch_optimizer
+
+    classes = {}
+    for name in pytorch_optimizer.get_supported_optimizers():
+        try:
+            classes[name] = pytorch_optimizer.load_optimizer(name)
+        except (ImportError, NotImplementedError):  # integrations that need CUDA or other packages
+            continue
+    return classes
+
+
+def resolve_optimizer(name: str, where: str = "optimizer.name") -> type[torch.optim.Optimizer]:
+    """torch.optim first, then pytorch-optimizer's registry, then an import path."""
+    key = name.strip().lower()
+    torch_classes = optimizer_classes()
+    if key in torch_classes:
+        return torch_classes[key]
+    if ":" in name or "." in name:
+        return _import_optimizer(name.strip(), where)
+    registry = registry_classes()
+    if key in registry:
+        return cast(type[torch.optim.Optimizer], registry[key])
+    known = list(torch_classes) + list(registry)
+    zoo = (
+        f"; {len(registry)} from pytorch-optimizer, see optcli optimizers"
+        if registry
+        else "; more with optcli[zoo]: pip install 'optcli[zoo]'"
+    )
+    valid = ", ".join(c.__name__ for c in torch_classes.values())
+    raise UserError(
+        f"{where}: unknown name '{name}'{_did_you_mean(name, known)} (valid: {valid}{zoo}; "
+        f"or an import path pkg.module:Class)"
+    )
+
+
+def _import_optimizer(path: str, where: str) -> type[torch.optim.Optimizer]:
+    """`pkg.module:Class` or `pkg.module.Class`: any installed package, or a module on the path."""
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise UserError(f"{where}: '{path}' is not an import path (expected pkg.module:Class)")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(f"{where}: cannot import '{module_name}' for '{path}' ({exc})") from None
+    cls: Any = module
+    for part in attr.split("."):
+        cls = getattr(cls, part, None)
+        if cls is None:
+            names = [n for n in dir(module) if not n.startswith("_")]
+            raise UserError(f"{where}: {module_name} has no '{attr}'{_did_you_mean(attr, names)}")
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise UserError(f"{where}: '{path}' is not a torch.optim.Optimizer subclass")
+    return cls
+
+
+def canonical_name(cls: type) -> str:
+    """The name that resolves back to `cls` in any process: its class name when the lookup order finds it by
+    that name (torch.optim, the registry), otherwise its import path."""
+    try:
+        if resolve_optimizer(cls.__name__) is cls:
+            return cls.__name__
+    except UserError:
+        pass
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def optimizer_source(cls: type) -> str:
+    if cls.__module__.startswith("torch.optim"):
+        return "torch.optim"
+    if cls.__module__.startswith("pytorch_optimizer"):
+        return "pytorch-optimizer"
+    return cls.__module__.split(".")[0]
 
 
 def signature_defaults(cls: type, skip: tuple[str, ...] = ("self", "params", "optimizer")) -> dict[str, Any]:
@@ -64,30 +156,51 @@ def signature_defaults(cls: type, skip: tuple[str, ...] = ("self", "params", "op
 
 
 def check_kwargs(where: str, cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Unknown keywords are errors that list the valid ones; lists become tuples where torch expects tuples."""
+    """Unknown keywords are errors that list the valid ones; lists become tuples where torch expects tuples.
+
+    Only named parameters count: a `**kwargs` in a signature is no pass-through for typos. The one exception
+    is a wrapper that takes a `base_optimizer` class (SAM and its kin): its extra keywords are checked against
+    the base optimizer's signature, and the base optimizer is named like any other (`base_optimizer=adamw`)."""
     defaults = signature_defaults(cls)
-    unknown = [k for k in kwargs if k not in defaults]
+    base = kwargs.get("base_optimizer") if "base_optimizer" in defaults else None
+    if isinstance(base, str):
+        base = resolve_optimizer(base, f"{where}.base_optimizer")
+    allowed = {**(signature_defaults(base) if isinstance(base, type) else {}), **defaults}
+    unknown = [k for k in kwargs if k not in allowed]
     if unknown:
-        raise UserError(f"{where}: {cls.__name__} takes no argument '{unknown[0]}' (valid: {', '.join(defaults)})")
-    return {k: tuple(v) if isinstance(v, list) and isinstance(defaults[k], tuple) else v for k, v in kwargs.items()}
+        hint = difflib.get_close_matches(unknown[0], list(allowed), n=1)
+        valid = f"did you mean '{hint[0]}'? valid: " if hint else "valid: "
+        raise UserError(
+            f"{where}: {cls.__name__} takes no argument '{unknown[0]}' ({valid}{', '.join(allowed) or 'none'})"
+        )
+    return {k: tuple(v) if isinstance(v, list) and isinstance(allowed[k], tuple) else v for k, v in kwargs.items()}
+
+
+def _constructor_kwargs(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keywords as the constructor takes them: a `base_optimizer` named by string becomes its class."""
+    if isinstance(kwargs.get("base_optimizer"), str) and "base_optimizer" in signature_defaults(cls):
+        return {**kwargs, "base_optimizer": resolve_optimizer(kwargs["base_optimizer"], "optimizer.base_optimizer")}
+    return kwargs
 
 
 def needs_closure(optimizer: torch.optim.Optimizer | type[torch.optim.Optimizer]) -> bool:
-    """LBFGS-style optimizers re-evaluate the loss and must get a closure in step()."""
-    cls = optimizer if isinstance(optimizer, type) else type(optimizer)
-    closure = inspect.signature(cls.step).parameters.get("closure")
-    return closure is not None and closure.default is inspect.Parameter.empty
+    """Optimizers whose step() cannot run without a closure (the rule: see stepping.py)."""
+    return stepping.needs_closure(optimizer)
 
 
 def step_with_closure(optimizer: torch.optim.Optimizer, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """optimizer.step(closure) for the optimizers that re-evaluate the loss. torch types the closure as returning a
-    float, but step() hands back whatever the closure returned: here the loss tensor."""
-    return cast(torch.Tensor, optimizer.step(cast(Callable[[], float], closure)))
+    """optimizer.step(closure), with the gradient computed first for SAM-style optimizers (stepping.py)."""
+    return stepping.step_with_closure(optimizer, closure)
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """'sgd:lr=0.1,momentum=0.9,nesterov=true' -> ('sgd', {...}); values parsed as YAML ('betas=[0.9,0.99]')."""
-    name, _, rest = spec.partition(":")
+    """'sgd:lr=0.1,momentum=0.9,nesterov=true' -> ('sgd', {...}); values parsed as YAML ('betas=[0.9,0.99]').
+    An import path keeps its colon: 'pkg.module:Class:lr=0.1' -> ('pkg.module:Class', {'lr': 0.1})."""
+    path = re.match(r"\s*([A-Za-z_][\w.]*\.[\w.]*:[A-Za-z_][\w.]*)\s*(?::|$)", spec)
+    if path:
+        name, rest = path.group(1), spec[path.end() :]
+    else:
+        name, _, rest = spec.partition(":")
     if not name.strip():
         raise UserError(f"optimizer spec '{spec}': missing the optimizer name")
     kwargs: dict[str, Any] = {}
@@ -129,14 +242,51 @@ def check_optimizer(cfg: OptimizerConfig) -> None:
     kwargs = check_kwargs("optimizer", cls, cfg.kwargs)
     for i, group in enumerate(cfg.groups):
         check_kwargs(f"optimizer.groups.{i}", cls, group.model_extra or {})
-    probe = nn.Sequential(nn.Linear(2, 2))  # a weight matrix and a bias, like the MLP's layers
-    try:
-        optimizer = cls(probe.parameters(), **kwargs)
-        loss_fn = lambda: probe(torch.ones(1, 2)).square().sum()  # noqa: E731
-        loss_fn().backward()
-        optimizer.step((lambda: loss_fn()) if needs_closure(optimizer) else None)
-    except Exception as exc:  # whatever torch makes of the user's keyword values is a user error here
-        raise UserError(f"optimizer: {cls.__name__}({_fmt(kwargs)}) cannot train this model: {exc}") from None
+    trial_step(cls, kwargs)
+
+
+def _probe_step(cls: type, kwargs: dict[str, Any], *, closure: bool) -> None:
+    """One step on a weight matrix and a bias (like the MLP's layers), driven as training drives it."""
+    probe = nn.Sequential(nn.Linear(2, 2))
+    optimizer = cls(probe.parameters(), **_constructor_kwargs(cls, kwargs))
+    stepping.set_mode(optimizer, training=True)
+
+    def loss_fn() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = probe(torch.ones(1, 2)).square().sum()
+        loss.backward()
+        return loss
+
+    if not closure:
+        loss_fn()
+        optimizer.step()
+    elif stepping.closure_in_signature(cls):
+        optimizer.step(loss_fn)
+    else:
+        loss_fn()
+        optimizer.step(loss_fn)
+    stepping.set_mode(optimizer, training=False)
+
+
+def trial_step(cls: type, kwargs: dict[str, Any]) -> None:
+    """The trial step: can this optimizer, with these keywords, train a dense layer at all (SparseAdam cannot),
+    and does it need a closure (stepping.py)? Its own RNG draws do not disturb the run's."""
+    with torch.random.fork_rng(devices=[]):
+        try:
+            _probe_step(cls, kwargs, closure=stepping.closure_in_signature(cls))
+            stepping.record_trial_step(cls, refused_without_closure=False)
+            return
+        except Exception as exc:  # whatever the optimizer makes of the user's keyword values is a user error here
+            first = exc
+        if not stepping.closure_in_signature(cls):
+            try:
+                _probe_step(cls, kwargs, closure=True)
+                stepping.record_trial_step(cls, refused_without_closure=True)
+                return
+            except Exception as exc:
+                if "closure" in str(first).lower():  # it asked for a closure and failed with one: say why
+                    first = exc
+    raise UserError(f"optimizer: {cls.__name__}({_fmt(kwargs)}) cannot train this model: {first}") from None
 
 
 def build_optimizer(
@@ -146,6 +296,9 @@ def build_optimizer(
     with their own overrides; the rest form the first group with the top-level settings."""
     cls = resolve_optimizer(cfg.name)
     kwargs = check_kwargs("optimizer", cls, cfg.kwargs)
+    if not stepping.trial_step_known(cls):  # a new process (a worker): the closure rule needs the trial step
+        trial_step(cls, kwargs)
+    kwargs = _constructor_kwargs(cls, kwargs)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     claimed: set[str] = set()
     groups = []
@@ -205,11 +358,21 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
 
 
 def list_optimizers() -> list[dict[str, Any]]:
-    """Every torch.optim optimizer with its default hyperparameters, read from its signature."""
+    """Every optimizer that can be named, with its source and its default hyperparameters read from its
+    signature: torch.optim's, then pytorch-optimizer's registry (when installed) where torch does not shadow it."""
     rows = []
-    for key, cls in sorted(optimizer_classes().items()):
-        defaults = {k: ("required" if v is inspect.Parameter.empty else v) for k, v in signature_defaults(cls).items()}
-        rows.append({"name": cls.__name__, "key": key, "defaults": defaults})
+    torch_classes = optimizer_classes()
+    registry = {k: c for k, c in registry_classes().items() if k not in torch_classes}
+    for source, classes in (("torch.optim", torch_classes), ("pytorch-optimizer", registry)):
+        for key, cls in sorted(classes.items()):
+            try:
+                defaults = {
+                    k: ("required" if v is inspect.Parameter.empty else v) for k, v in signature_defaults(cls).items()
+                }
+            except (TypeError, ValueError):  # a signature inspect cannot read
+                defaults = {}
+            modes = "train/eval" if stepping.has_modes(cls) else None
+            rows.append({"name": cls.__name__, "key": key, "source": source, "modes": modes, "defaults": defaults})
     return rows
 
 

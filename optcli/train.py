@@ -20,6 +20,7 @@ from torch import nn
 from optcli.config import Config
 from optcli.distributed import SINGLE, Dist
 from optcli.optim import current_lr, is_plateau, needs_closure, step_with_closure
+from optcli.stepping import set_mode
 from optcli.tasks import Data, Split, batches, epoch_permutation
 from optcli.tasks.functions import FunctionValue
 
@@ -109,6 +110,7 @@ def train_one_epoch(
     configured one (see `loss_weight`)."""
     reduction = reduction or loss_fn.reduction
     model.train()
+    set_mode(optimizer, training=True)  # schedule-free optimizers switch with the model
     n_batches = math.ceil(len(split) / batch_size)
     losses = torch.zeros(n_batches, device=split.x.device)
     use_closure = needs_closure(optimizer)
@@ -203,6 +205,7 @@ def fit(
             dist=dist,
             reduction=cfg.train.reduction,
         )
+        set_mode(optimizer, training=False)  # before evaluation and before the checkpoint (on_epoch)
         finite = torch.isfinite(losses)
         bad_step = None if bool(finite.all()) else int((~finite).nonzero()[0]) + 1
         val_loss, val_acc = (

@@ -111,7 +111,7 @@ CASES = [
         "train",
         _sets("optimizer.name=adamm"),
         2,
-        "optimizer.name: unknown name 'adamm' (valid: Adafactor",
+        "optimizer.name: unknown name 'adamm' (did you mean 'adam'?) (valid: Adafactor",
     ),
     (
         "optimizer-kwarg",

@@ -185,6 +185,11 @@ def print_inspection(r) -> None:
     for line in linkage_lines(r):
         console.print(line)
     console.print(f"mode: model.training = {r.modes['training']} ({'train()' if r.modes['training'] else 'eval()'})")
+    if r.optimizer_mode is not None:
+        console.print(
+            f"optimizer mode: {r.optimizer_mode} ({r.optimizer} has train()/eval(): it holds other weights for "
+            f"training than for evaluation, and optcli switches it with the model)"
+        )
     if r.modes["modules"]:
         console.print(modes_table(r))
     else:

@@ -57,11 +57,18 @@ def print_train_result(result, every: int = 0) -> None:
 
 
 def optimizers_table(rows: list[dict]) -> Table:
-    table = Table(title="torch.optim optimizers (defaults read from their signatures)")
+    sources = sorted({r["source"] for r in rows}, key=lambda s: s != "torch.optim")
+    table = Table(title=f"Optimizers from {' and '.join(sources)} (defaults read from their signatures)")
     table.add_column("name")
+    table.add_column("source")
     table.add_column("defaults")
     for r in rows:
-        table.add_row(r["name"], ", ".join(f"{k}={v}" for k, v in r["defaults"].items()))
+        modes = " [cyan](train/eval modes)[/]" if r.get("modes") else ""
+        table.add_row(r["name"], r["source"], ", ".join(f"{k}={v}" for k, v in r["defaults"].items()) + modes)
+    if "pytorch-optimizer" not in sources:
+        table.caption = "more with optcli[zoo]: pip install 'optcli[zoo]'; any class by import path: pkg.module:Class"
+    else:
+        table.caption = "any other class by import path: pkg.module:Class (or pkg.module.Class)"
     return table
 
 
