@@ -163,9 +163,16 @@ def compare(
     seeds: int = typer.Option(
         1, "--seeds", metavar="K", help="Repeat every run for this many seeds (config seed, +1, ...)."
     ),
-    tune_lr: bool = typer.Option(False, "--tune-lr", help="Tune each optimizer's lr on the validation split first."),
-    tune_budget: int = typer.Option(
-        5, "--tune-budget", metavar="N", help="Learning rates tried per optimizer with --tune-lr."
+    tune: bool = typer.Option(
+        False, "--tune", help="Tune each optimizer's hyperparameters first: equal budget, quasi-random, on validation."
+    ),
+    tune_lr: bool = typer.Option(False, "--tune-lr", help="Tune the learning rate only (the lr-only case of --tune)."),
+    tune_budget: int = typer.Option(5, "--tune-budget", metavar="N", help="Trials per optimizer when tuning."),
+    tune_storage: str | None = typer.Option(
+        None,
+        "--tune-storage",
+        metavar="URL",
+        help="Optuna storage shared by machines: a database URL or a journal file (default: in the run directory).",
     ),
     jobs: int = typer.Option(1, "--jobs", "-j", metavar="N", help="Run trials in this many processes."),
     threads: int | None = typer.Option(
@@ -199,8 +206,10 @@ def compare(
             cfg,
             optimizers,
             seeds=seeds,
+            tune=tune,
             tune_lr=tune_lr,
             tune_budget=tune_budget,
+            tune_storage=tune_storage,
             jobs=jobs,
             threads=threads,
             vectorize=vectorize,

@@ -11,9 +11,8 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
-
-import torch
 
 from optcli import signals
 from optcli.build import torch_settings
@@ -28,7 +27,6 @@ from optcli.optim import (
     check_scheduler,
     parse_spec,
     resolve_optimizer,
-    signature_defaults,
 )
 from optcli.run_files import FORMAT_VERSION
 from optcli.runs import RunLock, atomic_write_text, create_run_dir, write_csv, write_json
@@ -45,6 +43,8 @@ from optcli.trials import (
     TrialRunner,
     TrialsInterrupted,
 )
+from optcli.tuning import check_overrides, search_space, tuning_rows
+from optcli.tuning import tune as run_tuning
 
 # (key, label, lower is better)
 METRICS = [
@@ -110,49 +110,6 @@ def parse_specs(texts: list[str]) -> list[OptimizerSpec]:
         if counts[spec.label] > 1:
             spec.label = f"{spec.label}#{counts[spec.label]}"
     return specs
-
-
-def lr_grid(spec: OptimizerSpec, budget: int) -> list[float]:
-    """`budget` learning rates on a log grid spanning 10x either side of the spec's lr (or its default)."""
-    center = spec.kwargs.get("lr", signature_defaults(getattr(torch.optim, spec.name)).get("lr"))
-    if not isinstance(center, (int, float)) or center <= 0:
-        raise UserError(f"--tune-lr: {spec.label} has no default learning rate; give one (e.g. {spec.label}:lr=0.01)")
-    if budget == 1:
-        return [float(center)]
-    return [float(center) * 10 ** (-1 + 2 * i / (budget - 1)) for i in range(budget)]
-
-
-def _tune_score(history: History) -> float:
-    best = history.best()
-    if history.status == "diverged" or best is None or best.val_loss is None:
-        return math.inf
-    return best.val_loss
-
-
-def tune_learning_rates(
-    specs: list[OptimizerSpec], *, budget: int, seed: int, runner: TrialRunner
-) -> tuple[dict, list[Trial]]:
-    """The same budget of learning rates for every optimizer, judged on the validation split only."""
-    grids = {s.label: lr_grid(s, budget) for s in specs}
-    plan = [(OptimizerSpec(s.label, s.name, {**s.kwargs, "lr": lr}), seed) for s in specs for lr in grids[s.label]]
-    trials = [
-        Trial(spec.label, seed, h, spec.kwargs["lr"]) for (spec, _), h in zip(plan, runner.run(plan), strict=True)
-    ]
-    tuning: dict[str, Any] = {"budget": budget, "seed": seed, "selected_by": "best validation loss", "optimizers": {}}
-    for spec in specs:
-        tried = [t for t in trials if t.label == spec.label]
-        scores = [_tune_score(t.history) for t in tried]
-        best = min(range(len(tried)), key=lambda i: scores[i])
-        if math.isinf(scores[best]):
-            raise UserError(f"--tune-lr: every learning rate diverged for {spec.label} ({grids[spec.label]})")
-        tuning["optimizers"][spec.label] = {
-            "grid": grids[spec.label],
-            "val_loss": scores,
-            "chosen_lr": tried[best].lr,
-            "at_edge": len(tried) > 1 and best in (0, len(tried) - 1),
-        }
-        spec.kwargs = {**spec.kwargs, "lr": tried[best].lr}
-    return tuning, trials
 
 
 def trial_metrics(history: History) -> dict[str, float | None]:
@@ -229,8 +186,10 @@ def run_comparison(
     spec_texts: list[str],
     *,
     seeds: int = 1,
+    tune: bool = False,
     tune_lr: bool = False,
     tune_budget: int = 5,
+    tune_storage: str | None = None,
     jobs: int = 1,
     threads: int | None = None,
     vectorize: bool = False,
@@ -253,12 +212,21 @@ def run_comparison(
     check_scheduler(cfg.scheduler, cfg.train.epochs)
     check_runner_options(jobs=jobs, vectorize=vectorize, backend=backend)
     check_loggers(cfg)
-    if tune_lr and cfg.data.val_fraction == 0:
-        raise UserError("--tune-lr: needs a validation split; set data.val_fraction > 0")
+    tuning_on = tune or tune_lr
+    flag = "--tune" if tune else "--tune-lr"
+    if tuning_on and cfg.data.val_fraction == 0:
+        raise UserError(f"{flag}: needs a validation split; set data.val_fraction > 0")
+    if tune_storage is not None and not tuning_on:
+        raise UserError("--tune-storage: only with --tune or --tune-lr")
+    if tuning_on:  # the whole space or the lr alone, checked before any training
+        for spec in specs:
+            search_space(spec, overrides=cfg.tuning.spaces, lr_only=not tune)
+        check_overrides(specs, cfg.tuning.spaces)
     device = resolve_device(cfg.device)
     seed_list = [cfg.seed + i for i in range(seeds)]
+    run_dir = create_run_dir(cfg.out_dir, cfg.name, prefix="compare-") if tuning_on else None  # the study's home
     if on_plan:
-        on_plan(len(specs) * (len(seed_list) + (tune_budget if tune_lr else 0)))
+        on_plan(len(specs) * (len(seed_list) + (tune_budget if tuning_on else 0)))
     stopped: int | None = None
     notes: list[str] = []
     with (
@@ -275,9 +243,19 @@ def run_comparison(
                 backend=backend,
                 callbacks=callbacks,
             ) as runner:
-                tuning, tune_trials = (
-                    tune_learning_rates(specs, budget=tune_budget, seed=seed_list[0], runner=runner)
-                    if tune_lr
+                tuning, tune_histories = (
+                    run_tuning(
+                        specs,
+                        budget=tune_budget,
+                        seed=seed_list[0],
+                        runner=runner,
+                        task=to_yaml(cfg.model_copy(update={"name": None})),
+                        storage_url=tune_storage,
+                        run_dir=run_dir,
+                        overrides=cfg.tuning.spaces,
+                        lr_only=not tune,
+                    )
+                    if tuning_on
                     else (None, [])
                 )
                 plan = [(spec, seed) for seed in seed_list for spec in specs]
@@ -297,7 +275,7 @@ def run_comparison(
             trials=trials,
             tuning=tuning,
             jobs=jobs,
-            epoch_seconds=sum(e.seconds for t in tune_trials + trials for e in t.history.epochs),
+            epoch_seconds=sum(e.seconds for h in tune_histories + [t.history for t in trials] for e in h.epochs),
         )
         comparison.notes = notes
         if cfg.data.name == "function" and stopped is None:
@@ -305,7 +283,7 @@ def run_comparison(
         comparison.wall_seconds = time.perf_counter() - started
         if stopped is not None:
             comparison.status, comparison.interrupted_by = "interrupted", signal.Signals(stopped).name
-        save_comparison(cfg, comparison)
+        save_comparison(cfg, comparison, run_dir=run_dir)
     if stopped is not None:
         finished = sum(t.history.status != "interrupted" for t in trials)
         raise RunInterrupted(
@@ -316,9 +294,10 @@ def run_comparison(
     return comparison
 
 
-def save_comparison(cfg: Config, comparison: Comparison) -> None:
-    """The comparison's run directory, written under its lock; a stop signal waits until it is whole."""
-    run_dir = create_run_dir(cfg.out_dir, cfg.name, prefix="compare-")
+def save_comparison(cfg: Config, comparison: Comparison, *, run_dir: Path | None = None) -> None:
+    """The comparison's run directory (made here unless tuning made it for its study), written under its lock;
+    a stop signal waits until it is whole."""
+    run_dir = run_dir or create_run_dir(cfg.out_dir, cfg.name, prefix="compare-")
     comparison.run_dir = str(run_dir)
     with RunLock(run_dir), signals.held():
         write_comparison(to_yaml(cfg), comparison, run_dir)
@@ -406,6 +385,11 @@ def write_comparison(config_yaml: str, comparison: Comparison, run_dir) -> None:
 
         f = comparison.function
         save_trajectory_plot(comparison, grid(DataConfig(**f["data"]), f["box"]), run_dir / "trajectories.png")
+    if comparison.tuning:
+        from optcli.report.tuning import save_tuning_plot
+
+        write_csv(run_dir / "tuning.csv", tuning_rows(comparison.tuning))
+        save_tuning_plot(comparison.tuning, run_dir / "tuning.png")
 
 
 def describe_function(cfg: DataConfig, seeds: list[int], trials: list[Trial]) -> dict:

@@ -203,6 +203,11 @@ class TrainConfig(Section):
     dynamics: bool = True  # per layer and epoch: gradient norm, update-to-weight ratio, step size (dynamics.py)
 
 
+class TuningConfig(Section):
+    # optimizer label or name -> {hyperparameter: [low, high] (log-uniform), or null to leave it out}; see tuning.py
+    spaces: dict[str, dict[str, list[float] | None]] = Field(default_factory=dict)
+
+
 class Config(Section):
     seed: int = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
@@ -213,6 +218,7 @@ class Config(Section):
     optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=1e-4))
     scheduler: SchedulerConfig | None = None
     train: TrainConfig = Field(default_factory=TrainConfig)
+    tuning: TuningConfig = Field(default_factory=TuningConfig)  # compare --tune's search spaces
 
     @field_validator("out_dir")
     @classmethod

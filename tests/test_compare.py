@@ -145,14 +145,18 @@ def test_tune_lr_gives_every_optimizer_the_same_budget(tiny_mnist):
     )
     assert result.exit_code == 0, result.output
     tuning = json.loads(result.stdout)["tuning"]
-    assert tuning["budget"] == 3
-    for _label, t in tuning["optimizers"].items():
-        assert len(t["grid"]) == 3 and t["chosen_lr"] in t["grid"]
-        assert t["at_edge"] == (t["chosen_lr"] != t["grid"][1])
-        assert t["grid"][0] == pytest.approx(t["grid"][1] / 10) and t["grid"][2] == pytest.approx(t["grid"][1] * 10)
+    assert tuning["budget"] == 3 and tuning["lr_only"] is True
+    centres = {"sgd": 1e-3, "adam": 1e-3}
+    for label, t in tuning["optimizers"].items():
+        (dim,) = t["space"]
+        assert dim["name"] == "lr"
+        assert dim["low"] == pytest.approx(centres[label] / 10) and dim["high"] == pytest.approx(centres[label] * 10)
+        assert len(t["trials"]) == 3 and t["trials"][0]["params"]["lr"] == pytest.approx(centres[label])
+        losses = [r["val_loss"] for r in t["trials"] if r["val_loss"] is not None]
+        assert t["best"]["val_loss"] == min(losses)
     summary = json.loads(result.stdout)
     chosen = {r["label"]: r["hyperparameters"]["lr"] for r in summary["rows"]}
-    assert chosen == {k: v["chosen_lr"] for k, v in tuning["optimizers"].items()}
+    assert chosen == {k: v["best"]["params"]["lr"] for k, v in tuning["optimizers"].items()}
 
 
 def test_tune_lr_without_validation_split_is_an_error():

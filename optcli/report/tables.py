@@ -145,29 +145,11 @@ def curve_table(c, max_rows: int = 30) -> Table:
     return table
 
 
-def tuning_table(tuning: dict) -> Table:
-    table = Table(
-        title=f"Learning-rate tuning: {tuning['budget']} learning rates per optimizer, seed {tuning['seed']}, "
-        f"chosen by {tuning['selected_by']}"
-    )
-    table.add_column("optimizer")
-    table.add_column("grid (lr: val loss)")
-    table.add_column("chosen lr", justify="right")
-    for label, t in tuning["optimizers"].items():
-        grid = ", ".join(f"{fmt(lr, 3)}: {fmt(v, 3)}" for lr, v in zip(t["grid"], t["val_loss"], strict=True))
-        table.add_row(label, grid, fmt(t["chosen_lr"], 3) + (" [yellow](grid edge)[/]" if t["at_edge"] else ""))
-    edge = [label for label, t in tuning["optimizers"].items() if t["at_edge"]]
-    if edge:
-        table.caption = (
-            f"{', '.join(edge)}: the best lr is at the edge of the grid; the optimum may lie beyond it "
-            f"(give an lr in the spec to move the grid)"
-        )
-    return table
-
-
 def print_comparison(c) -> None:
     if c.tuning:
-        console.print(tuning_table(c.tuning))
+        from optcli.report.tuning import print_tuning
+
+        print_tuning(c.tuning, console)
     for note in c.notes:
         console.print(f"[yellow]{note}[/]")
     console.print(comparison_table(c))

@@ -1,0 +1,340 @@
+"""Equal-budget hyperparameter search, one search space per optimizer (AlgoPerf's external tuning rules;
+Choi et al. 2019 on why tuning the learning rate alone handicaps optimizers whose other settings matter).
+
+Every optimizer gets the same number of trials (`budget`), drawn quasi-randomly from its own search space by
+Optuna's QMCSampler (scrambled Sobol, a fixed seed) and trained on the first seed; each is judged on its best
+validation loss only, and the winning setting is what the comparison then runs over all seeds. Trial 0 is the
+centre of the space (Optuna's QMC sampler would draw its first trial at random: it infers the space from it), the
+others follow the Sobol sequence. Trials run through the comparison's TrialRunner (serial or process pool), so
+tuning has the same parallelism as the seeds.
+
+The default space, for the hyperparameters an optimizer's signature has (values set in the spec stay fixed):
+  lr                    log-uniform over two decades centred on the spec's lr or the default (or a given centre)
+  one_minus_momentum    1 - momentum, a decade either side of 1 - its default (at most 1)
+  one_minus_beta1, ...  1 - betas[i], likewise
+  eps                   a decade either side of its default
+  weight_decay          a decade either side of its default, or [1e-5, 1e-3] when the default is 0
+`tuning.spaces` in the config overrides this per optimizer: {adam: {lr: [1e-4, 1e-2], eps: null}} (a pair is a
+log-uniform range, null drops the dimension; any other numeric keyword of the optimizer may be added).
+
+Studies live in an Optuna storage: by default a journal file in the run directory (embedded, nothing to start);
+a database URL (sqlite:///, postgresql://, mysql://) or a shared journal file lets several machines run the same
+command and draw their trials from the same studies (see README, next to merge).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeGuard
+
+from optcli.errors import UserError
+from optcli.optim import resolve_optimizer, signature_defaults
+from optcli.train import History
+from optcli.trials import OptimizerSpec, TrialRunner
+
+EDGE = 0.1  # a winner within this fraction of a dimension's (log) range from its end is "on the edge"
+POLL_SECONDS = 2.0  # how often a machine looks whether the others' trials of a shared study have finished
+
+
+@dataclass
+class Dimension:
+    name: str
+    low: float
+    high: float
+    log: bool = True
+
+    def position(self, value: float) -> float:
+        """Where `value` lies in the range, 0 at low and 1 at high (on the log scale when log)."""
+        f = math.log if self.log else (lambda v: v)
+        return (f(value) - f(self.low)) / (f(self.high) - f(self.low)) if self.high > self.low else 0.5
+
+    def centre(self) -> float:
+        return math.sqrt(self.low * self.high) if self.log else (self.low + self.high) / 2
+
+
+def _number(value: Any) -> TypeGuard[float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _decade_around(value: float, cap: float | None = None) -> tuple[float, float]:
+    return value / 10, min(value * 10, cap) if cap is not None else value * 10
+
+
+def default_space(spec: OptimizerSpec, *, lr_only: bool = False, lr_centre: float | None = None) -> list[Dimension]:
+    """The default search space of one optimizer, read from its signature (module docstring). `lr_centre`
+    moves the centre of the lr range (e.g. to an lr-finder's suggestion)."""
+    cls = resolve_optimizer(spec.name)
+    defaults = signature_defaults(cls)
+    centre = lr_centre if lr_centre is not None else spec.kwargs.get("lr", defaults.get("lr"))
+    if not _number(centre) or centre <= 0:
+        raise UserError(f"--tune: {spec.label} has no default learning rate; give one (e.g. {spec.label}:lr=0.01)")
+    space = [Dimension("lr", float(centre) / 10, float(centre) * 10)]
+    if lr_only:
+        return space
+    fixed = set(spec.kwargs) - {"lr"}
+    momentum = defaults.get("momentum")
+    if "momentum" not in fixed and _number(momentum) and 0 <= momentum < 1:
+        space.append(Dimension("one_minus_momentum", *_decade_around(1 - momentum, cap=1.0)))
+    betas = defaults.get("betas")
+    if "betas" not in fixed and isinstance(betas, tuple) and all(_number(b) and 0 <= b < 1 for b in betas):
+        space += [Dimension(f"one_minus_beta{i + 1}", *_decade_around(1 - b, cap=1.0)) for i, b in enumerate(betas)]
+    eps = defaults.get("eps")
+    if "eps" not in fixed and _number(eps) and eps > 0:
+        space.append(Dimension("eps", *_decade_around(float(eps))))
+    decay = defaults.get("weight_decay")
+    if "weight_decay" not in fixed and _number(decay) and decay >= 0:
+        space.append(Dimension("weight_decay", *(_decade_around(float(decay)) if decay > 0 else (1e-5, 1e-3))))
+    return space
+
+
+def _override_key(spec: OptimizerSpec, spaces: dict[str, Any]) -> str | None:
+    for key in (spec.label, spec.name, spec.name.lower(), resolve_optimizer(spec.name).__name__.lower()):
+        if key in spaces:
+            return key
+    return None
+
+
+def search_space(
+    spec: OptimizerSpec,
+    *,
+    overrides: dict[str, Any] | None = None,
+    lr_only: bool = False,
+    lr_centre: float | None = None,
+) -> list[Dimension]:
+    """The default space with the config's overrides for this optimizer (tuning.spaces.<label or name>)."""
+    space = {d.name: d for d in default_space(spec, lr_only=lr_only, lr_centre=lr_centre)}
+    key = _override_key(spec, overrides or {})
+    if key is None:
+        return list(space.values())
+    allowed = set(space) | {d.name for d in default_space(spec)}
+    allowed |= {k for k, v in signature_defaults(resolve_optimizer(spec.name)).items() if _number(v)}
+    for name, bounds in (overrides or {})[key].items():
+        where = f"tuning.spaces.{key}.{name}"
+        if name not in allowed:
+            hint = difflib.get_close_matches(name, sorted(allowed), n=1)
+            more = f"did you mean '{hint[0]}'? " if hint else ""
+            raise UserError(
+                f"{where}: not a hyperparameter of {spec.label} ({more}valid: {', '.join(sorted(allowed))})"
+            )
+        if bounds is None:
+            space.pop(name, None)
+            continue
+        if not (isinstance(bounds, list) and len(bounds) == 2 and all(_number(b) and b > 0 for b in bounds)):
+            raise UserError(f"{where}: expected [low, high] with 0 < low < high (a log-uniform range) or null")
+        if not bounds[0] < bounds[1]:
+            raise UserError(f"{where}: low must be below high (got {bounds})")
+        if name.startswith("one_minus_") and bounds[1] > 1:
+            raise UserError(f"{where}: 1 - {name.removeprefix('one_minus_')} is at most 1 (got {bounds[1]})")
+        space[name] = Dimension(name, float(bounds[0]), float(bounds[1]))
+    if "lr" not in space and "lr" not in spec.kwargs:
+        raise UserError(f"tuning.spaces.{key}.lr: dropped, so give {spec.label} an lr in its spec")
+    return list(space.values())
+
+
+def check_overrides(specs: list[OptimizerSpec], overrides: dict[str, Any]) -> None:
+    """Every entry of tuning.spaces names an optimizer of the comparison."""
+    keys = {k for s in specs if (k := _override_key(s, overrides)) is not None}
+    for key in overrides:
+        if key not in keys:
+            labels = ", ".join(s.label for s in specs)
+            raise UserError(f"tuning.spaces.{key}: matches no optimizer of this comparison ({labels})")
+
+
+def kwargs_at(spec: OptimizerSpec, point: dict[str, float]) -> dict[str, Any]:
+    """The optimizer's keywords at a point of its space: 1 - x back to momentum and betas."""
+    defaults = signature_defaults(resolve_optimizer(spec.name))
+    kwargs = dict(spec.kwargs)
+    betas = list(kwargs.get("betas", defaults.get("betas")) or [])
+    for name, value in point.items():
+        if name == "one_minus_momentum":
+            kwargs["momentum"] = 1 - value
+        elif name.startswith("one_minus_beta"):
+            betas[int(name.removeprefix("one_minus_beta")) - 1] = 1 - value
+            kwargs["betas"] = tuple(betas)
+        else:
+            kwargs[name] = value
+    return kwargs
+
+
+def open_storage(url: str | None, run_dir: Path | None):
+    """An Optuna storage: a journal file in the run directory by default; a database URL or a journal path."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if url is None:
+        assert run_dir is not None
+        return JournalStorage(JournalFileBackend(str(run_dir / "tuning.journal")))
+    if "://" in url:
+        try:
+            return optuna.storages.RDBStorage(url)
+        except (ImportError, ValueError, optuna.exceptions.StorageInternalError) as exc:
+            raise UserError(f"--tune-storage {url}: cannot open the database ({exc})") from None
+    path = Path(url)
+    if path.is_dir() or not path.parent.is_dir():
+        raise UserError(f"--tune-storage {url}: expected a journal file in an existing folder, or a database URL")
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def study_name(spec: OptimizerSpec, space: list[Dimension], *, budget: int, seed: int, task: str) -> str:
+    """The same on every machine that runs the same command, different for anything that changes the trials."""
+    key = json.dumps([task, spec.name, spec.kwargs, [asdict(d) for d in space], budget, seed], default=str)
+    return f"{spec.label}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _score(history: History) -> float:
+    best = history.best()
+    if history.status == "diverged" or best is None or best.val_loss is None:
+        return math.inf
+    return best.val_loss
+
+
+def tune(
+    specs: list[OptimizerSpec],
+    *,
+    budget: int,
+    seed: int,
+    runner: TrialRunner,
+    task: str,
+    storage_url: str | None = None,
+    run_dir: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    lr_only: bool = False,
+    lr_centres: dict[str, float] | None = None,
+) -> tuple[dict, list[History]]:
+    """Tune every spec with the same budget; on return each spec's kwargs hold its winning setting.
+    Returns the tuning record (space, every trial, winner, edge flags) and the histories of the trials run here."""
+    try:
+        import optuna
+    except ImportError:
+        raise UserError("--tune needs optcli[tune]: pip install 'optcli[tune]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    check_overrides(specs, overrides or {})
+    spaces = {
+        s.label: search_space(s, overrides=overrides, lr_only=lr_only, lr_centre=(lr_centres or {}).get(s.label))
+        for s in specs
+    }
+    storage = open_storage(storage_url, run_dir)
+    studies, asked = {}, []
+    for spec in specs:
+        space = spaces[spec.label]
+        distributions: dict[str, optuna.distributions.BaseDistribution] = {
+            d.name: optuna.distributions.FloatDistribution(d.low, d.high, log=d.log) for d in space
+        }
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.QMCSampler(
+                qmc_type="sobol", scramble=True, seed=seed, warn_independent_sampling=False
+            )
+        study = optuna.create_study(
+            study_name=study_name(spec, space, budget=budget, seed=seed, task=task),
+            storage=storage,
+            sampler=sampler,
+            direction="minimize",
+            load_if_exists=True,
+        )
+        if not study.trials:
+            study.enqueue_trial({d.name: d.centre() for d in space})
+        studies[spec.label] = study
+        for _ in range(max(0, budget - len(study.trials))):
+            asked.append((spec, study.ask(distributions)))
+    plan = [(OptimizerSpec(s.label, s.name, kwargs_at(s, t.params)), seed) for s, t in asked]
+    histories = runner.run(plan)
+    for (spec, trial), history in zip(asked, histories, strict=True):
+        trial.set_user_attr("status", history.status)
+        trial.set_user_attr("epochs", len(history.epochs))
+        score = _score(history)
+        studies[spec.label].tell(trial, score if math.isfinite(score) else None, state=_state(score))
+    record: dict[str, Any] = {
+        "budget": budget,
+        "seed": seed,
+        "sampler": "Optuna QMCSampler, scrambled Sobol (trial 0 at the centre of the space)",
+        "selected_by": "best validation loss",
+        "storage": storage_url or str(Path(run_dir or ".") / "tuning.journal"),
+        "lr_only": lr_only,
+        "optimizers": {},
+    }
+    for spec in specs:
+        record["optimizers"][spec.label] = _settle(spec, studies[spec.label], spaces[spec.label], budget)
+    return record, histories
+
+
+def _state(score: float):
+    from optuna.trial import TrialState
+
+    return TrialState.COMPLETE if math.isfinite(score) else TrialState.FAIL
+
+
+def _finished_trials(study, budget: int) -> list:
+    """The study's first `budget` trials once all have finished: other machines may still run theirs."""
+    from optuna.trial import TrialState
+
+    while True:
+        trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)[:budget]
+        if all(t.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED) for t in trials):
+            return trials
+        time.sleep(POLL_SECONDS)
+
+
+def _settle(spec: OptimizerSpec, study, space: list[Dimension], budget: int) -> dict:
+    """The winner among the first `budget` trials; the spec then carries its setting."""
+    trials = _finished_trials(study, budget)
+    rows = [
+        {
+            "number": t.number,
+            "params": dict(t.params),
+            "kwargs": _jsonable(kwargs_at(spec, t.params)),
+            "val_loss": t.value if t.value is not None and math.isfinite(t.value) else None,
+            "status": t.user_attrs.get("status", t.state.name.lower()),
+        }
+        for t in trials
+    ]
+    done = [r for r in rows if r["val_loss"] is not None]
+    out: dict[str, Any] = {
+        "study": study.study_name,
+        "space": [asdict(d) for d in space],
+        "trials": rows,
+        "best": None,
+        "at_edge": [],
+    }
+    if not done:
+        out["note"] = "no trial finished with a finite validation loss: the spec's own settings are run"
+        return out
+    best = min(done, key=lambda r: r["val_loss"])
+    out["best"] = best
+    for d in space:
+        u = d.position(best["params"][d.name])
+        if u < EDGE or u > 1 - EDGE:
+            out["at_edge"].append({"name": d.name, "side": "low" if u < EDGE else "high"})
+    spec.kwargs = kwargs_at(spec, best["params"])
+    return out
+
+
+def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+
+
+def tuning_rows(record: dict) -> list[dict]:
+    """One row per trial for tuning.csv."""
+    rows = []
+    names = list(dict.fromkeys(d["name"] for t in record["optimizers"].values() for d in t["space"]))
+    for label, t in record["optimizers"].items():
+        for r in t["trials"]:
+            rows.append(
+                {
+                    "optimizer": label,
+                    "trial": r["number"],
+                    **{n: r["params"].get(n) for n in names},
+                    "val_loss": r["val_loss"],
+                    "status": r["status"],
+                    "best": t["best"] is not None and r["number"] == t["best"]["number"],
+                }
+            )
+    return rows
