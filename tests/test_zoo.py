@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from optcli.data import load_data
 
 import optcli.train as train_mod
 from optcli import stepping
@@ -12,6 +11,7 @@ from optcli.build import build_model_and_optimizer
 from optcli.config import load_config
 from optcli.optim import canonical_name, resolve_optimizer
 from optcli.runs import load_checkpoint
+from optcli.tasks import load_data
 from tests.conftest import assert_user_error, cli, mnist_args
 
 pytest.importorskip("pytorch_optimizer")
