@@ -157,7 +157,13 @@ def compare(
     optimizers: list[str] = typer.Argument(
         ..., metavar="OPTIMIZER...", help="Optimizer names with optional settings: sgd:lr=0.1,momentum=0.9"
     ),
-    config: Path | None = ConfigOpt,
+    config: list[Path] | None = typer.Option(
+        None,
+        "--config",
+        "-c",
+        metavar="FILE",
+        help="YAML config (the built-in regression task when absent); repeat it to compare over several tasks.",
+    ),
     set_: list[str] | None = SetOpt,
     epochs: int | None = EpochsOpt,
     seeds: int = typer.Option(
@@ -190,20 +196,26 @@ def compare(
     """Compare optimizers on the same model, data, initial weights and batch order, over seeds.
 
     Example: optcli compare sgd:lr=0.1,momentum=0.9 adam rmsprop --config configs/mnist_mlp.yaml --seeds 3
+    Over tasks: optcli compare sgd adam -c configs/regression.yaml -c configs/mnist_mlp.yaml (a performance profile)
     """
-    from optcli.compare import run_comparison
     from optcli.config import load_config
+    from optcli.multitask import MultiTaskComparison, run_compare
+    from optcli.report.console import console
+    from optcli.report.profile import print_multitask
     from optcli.report.progress import CompareProgress
     from optcli.report.tables import print_comparison
     from optcli.trials import TrialCallbacks
 
-    cfg = load_config(config, overrides(set_, epochs))
+    sources: list[Path | None] = list(config) if config else [None]
+    cfgs = [(str(c) if c else None, load_config(c, overrides(set_, epochs))) for c in sources]
     if print_config_:
-        return print_config(cfg)
-    with CompareProgress(cfg.train.epochs) as p:
+        for _, cfg in cfgs:
+            print_config(cfg)
+        return
+    with CompareProgress(max(c.train.epochs for _, c in cfgs)) as p:
         callbacks = TrialCallbacks(on_trial_start=p.trial_start, on_trial_done=p.trial_done, on_epoch=p.epoch)
-        result = run_comparison(
-            cfg,
+        result = run_compare(
+            cfgs,
             optimizers,
             seeds=seeds,
             tune=tune,
@@ -217,7 +229,10 @@ def compare(
             on_plan=p.plan,
             callbacks=callbacks,
         )
-    show(result.to_dict(), json_out, lambda: print_comparison(result))
+    if isinstance(result, MultiTaskComparison):
+        show(result.to_dict(), json_out, lambda: print_multitask(result, console))
+    else:
+        show(result.to_dict(), json_out, lambda: print_comparison(result))
 
 
 @app.command()

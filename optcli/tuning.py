@@ -240,10 +240,11 @@ def tune(
             direction="minimize",
             load_if_exists=True,
         )
-        if not study.trials:
+        existing = len(study.trials)  # on a shared storage, other machines' trials count against the budget
+        if not existing:
             study.enqueue_trial({d.name: d.centre() for d in space})
         studies[spec.label] = study
-        for _ in range(max(0, budget - len(study.trials))):
+        for _ in range(max(0, budget - existing)):
             asked.append((spec, study.ask(distributions)))
     plan = [(OptimizerSpec(s.label, s.name, kwargs_at(s, t.params)), seed) for s, t in asked]
     histories = runner.run(plan)

@@ -1,0 +1,123 @@
+"""One comparison over several tasks: the same optimizer specs on each task (one config each), each task's own
+comparison, and a performance profile across the tasks (profile.py).
+
+The per-task measure is the optimizer's steps to the task's target when the task has one (AlgoPerf's
+time-to-target, in optimizer steps: infinite when not reached). Without targets it is the best validation loss
+(the final training loss without a validation split), mean over seeds: a loss is >= 0 with 0 a perfect fit, so
+its ratio to the best optimizer's loss on the same task is scale-free ("within a factor tau of the best loss"
+means the same on a task whose losses are near 0.05 as on one near 20), where a difference would not be. It
+measures the quality reached within the budget, not speed, and a task whose loss has a floor above 0 (noise)
+compresses its ratios towards 1. An optimizer that diverged on any seed of a task scores infinity there.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from optcli.compare import Comparison, parse_specs, run_comparison
+from optcli.config import Config
+from optcli.errors import UserError
+from optcli.model import check_model_config
+from optcli.optim import check_scheduler
+from optcli.profile import TAUS, curve, profile
+from optcli.runs import create_run_dir, write_json
+
+MEASURE_WHY = {
+    "best_val_loss": "best validation loss, mean over seeds: losses are >= 0 with 0 a perfect fit, so a ratio "
+    "to the task's best loss is scale-free across tasks (quality within the budget, not speed)",
+    "final_train_loss": "final training loss, mean over seeds (no validation split): losses are >= 0 with 0 a "
+    "perfect fit, so a ratio to the task's best loss is scale-free across tasks",
+}
+
+
+@dataclass
+class MultiTaskComparison:
+    tasks: list[tuple[str, Comparison]]
+    measure: str
+    measure_why: str
+    measures: dict[str, dict[str, float]]  # task -> optimizer label -> measure (inf: failed)
+    taus: list[float] = field(default_factory=lambda: list(TAUS))
+    profile: dict[str, list[float]] = field(default_factory=dict)  # label -> rho(tau) for tau in taus
+    run_dir: str | None = None
+    wall_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        finite = lambda v: v if math.isfinite(v) else None  # noqa: E731 strict JSON: "not reached" is null
+        return {
+            "tasks": [{"name": name, **c.to_dict()} for name, c in self.tasks],
+            "measure": self.measure,
+            "measure_why": self.measure_why,
+            "measures": {t: {o: finite(v) for o, v in by.items()} for t, by in self.measures.items()},
+            "taus": self.taus,
+            "profile": self.profile,
+            "run_dir": self.run_dir,
+            "wall_seconds": self.wall_seconds,
+        }
+
+
+def task_measure(c: Comparison) -> tuple[str, dict[str, float]]:
+    """The measure of each optimizer on one task, lower is better (module docstring)."""
+    key = "best_val_loss" if any(r["best_val_loss"] is not None for r in c.rows) else "final_train_loss"
+    values = {}
+    for r in c.rows:
+        failed = r["completed"] < r["seeds"] or r[key] is None or not r[key] > 0
+        values[r["label"]] = math.inf if failed else float(r[key])
+    return key, values
+
+
+def task_names(sources: list[str | None]) -> list[str]:
+    names: list[str] = []
+    for source in sources:
+        base = Path(source).stem if source else "default"
+        name, i = base, 2
+        while name in names:
+            name, i = f"{base}-{i}", i + 1
+        names.append(name)
+    return names
+
+
+def run_compare(
+    cfgs: list[tuple[str | None, Config]],
+    spec_texts: list[str],
+    *,
+    on_task: Callable[[str], None] | None = None,
+    **options: Any,
+) -> Comparison | MultiTaskComparison:
+    """One task: today's comparison. Several: the same specs on each, then the profile across them."""
+    if len(cfgs) == 1:
+        return run_comparison(cfgs[0][1], spec_texts, **options)
+    started = time.perf_counter()
+    parse_specs(spec_texts)  # every check that can be made before the first task trains
+    names = task_names([source for source, _ in cfgs])
+    tuning = options.get("tune") or options.get("tune_lr")
+    for name, (_, cfg) in zip(names, cfgs, strict=True):
+        check_model_config(cfg.model)
+        check_scheduler(cfg.scheduler, cfg.train.epochs)
+        if tuning and cfg.data.val_fraction == 0:
+            raise UserError(f"task {name}: tuning needs a validation split; set data.val_fraction > 0 in it")
+    first = cfgs[0][1]
+    parent = create_run_dir(first.out_dir, first.name, prefix="compare-tasks-")
+    tasks = []
+    for name, (_, cfg) in zip(names, cfgs, strict=True):
+        if on_task:
+            on_task(name)
+        task_cfg = cfg.model_copy(update={"out_dir": str(parent), "name": name})
+        tasks.append((name, run_comparison(task_cfg, spec_texts, **options)))
+    keys, measures = set(), {}
+    for name, c in tasks:
+        key, measures[name] = task_measure(c)
+        keys.add(key)
+    measure = "best_val_loss" if keys == {"best_val_loss"} else "best_val_loss or final_train_loss"
+    why = MEASURE_WHY["best_val_loss"] if measure == "best_val_loss" else " / ".join(MEASURE_WHY[k] for k in keys)
+    result = MultiTaskComparison(tasks, measure, why, measures, profile=profile(measures), run_dir=str(parent))
+    result.wall_seconds = time.perf_counter() - started
+    write_json(parent / "summary.json", result.to_dict())
+    from optcli.report.profile import save_profile_plot
+
+    save_profile_plot(*curve(measures), parent / "profile.png", measure=measure)
+    return result
