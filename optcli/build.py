@@ -12,8 +12,8 @@ from torch import nn
 from optcli.config import Config
 from optcli.feasibility import check_trainable
 from optcli.model import build_model
-from optcli.optim import build_optimizer, build_scheduler
-from optcli.tasks import Data
+from optcli.optim import build_optimizer, build_scheduler, needs_closure
+from optcli.tasks import Data, steps_per_epoch
 
 
 def seed_torch(seed: int) -> None:
@@ -57,5 +57,7 @@ def build_model_and_optimizer(cfg: Config, data: Data, device: torch.device):
     seed_torch(cfg.seed)  # the same seed gives the same initial weights whatever the optimizer
     model = build_task_model(cfg, data.in_features, data.out_features).to(device)
     optimizer = build_optimizer(model, cfg.optimizer, device, fused=cfg.train.fused)
-    scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.train.epochs)
+    accumulate = 1 if needs_closure(optimizer) else cfg.train.accumulate  # closure optimizers step every batch
+    steps = steps_per_epoch(len(data.train), cfg.data.batch_size, accumulate)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.train.epochs, steps)
     return model, optimizer, scheduler

@@ -167,7 +167,13 @@ def compare(
     set_: list[str] | None = SetOpt,
     epochs: int | None = EpochsOpt,
     seeds: int = typer.Option(
-        1, "--seeds", metavar="K", help="Repeat every run for this many seeds (config seed, +1, ...)."
+        3, "--seeds", metavar="K", help="Repeat every run for this many seeds (config seed, +1, ...)."
+    ),
+    target: str | None = typer.Option(
+        None,
+        "--target",
+        metavar="METRIC=VALUE",
+        help="Time to target: epochs, optimizer steps and seconds until e.g. val_accuracy=0.97 or val_loss=0.1.",
     ),
     tune: bool = typer.Option(
         False, "--tune", help="Tune each optimizer's hyperparameters first: equal budget, quasi-random, on validation."
@@ -193,12 +199,14 @@ def compare(
     print_config_: bool = PrintConfigOpt,
     json_out: bool = JsonOpt,
 ) -> None:
-    """Compare optimizers on the same model, data, initial weights and batch order, over seeds.
+    """Compare optimizers on the same model, data, initial weights and batch order, over seeds. The config's
+    optimizer keywords (file or --set optimizer.KEY=V) are defaults for every optimizer that takes them; a
+    spec's own keywords win.
 
     Example: optcli compare sgd:lr=0.1,momentum=0.9 adam rmsprop --config configs/mnist_mlp.yaml --seeds 3
     Over tasks: optcli compare sgd adam -c configs/regression.yaml -c configs/mnist_mlp.yaml (a performance profile)
     """
-    from optcli.config import load_config
+    from optcli.compare import load_compare_config
     from optcli.multitask import MultiTaskComparison, run_compare
     from optcli.report.console import console
     from optcli.report.profile import print_multitask
@@ -207,7 +215,7 @@ def compare(
     from optcli.trials import TrialCallbacks
 
     sources: list[Path | None] = list(config) if config else [None]
-    cfgs = [(str(c) if c else None, load_config(c, overrides(set_, epochs))) for c in sources]
+    cfgs = [(str(c) if c else None, load_compare_config(c, overrides(set_, epochs))) for c in sources]
     if print_config_:
         for _, cfg in cfgs:
             print_config(cfg)
@@ -219,6 +227,7 @@ def compare(
             optimizers,
             seeds=seeds,
             tune=tune,
+            target=target,
             tune_lr=tune_lr,
             tune_budget=tune_budget,
             tune_storage=tune_storage,

@@ -10,13 +10,23 @@ import signal
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from optcli import signals
 from optcli.build import torch_settings
-from optcli.config import Config, DataConfig, optimizer_config, to_yaml
+from optcli.config import (
+    Config,
+    DataConfig,
+    OptimizerConfig,
+    load_config,
+    optimizer_config,
+    parse_override,
+    to_yaml,
+)
 from optcli.errors import RunInterrupted, UserError
 from optcli.loggers import TENSORBOARD_DIR, check_loggers, trial_dir_name, write_history
 from optcli.model import check_model_config, resolve_device
@@ -27,13 +37,16 @@ from optcli.optim import (
     check_scheduler,
     parse_spec,
     resolve_optimizer,
+    signature_defaults,
 )
+from optcli.provenance import provenance
 from optcli.run_files import FORMAT_VERSION
 from optcli.runs import RunLock, atomic_write_text, create_run_dir, write_csv, write_json
-from optcli.stats import mean_std, paired_verdict
+from optcli.stats import Target, mean_std, paired_verdict, parse_target, time_to_target
 from optcli.tasks import load_data
 from optcli.tasks.functions import FUNCTIONS, grid, plot_box, start_point
-from optcli.train import History
+from optcli.tasks.regression import loss_floor
+from optcli.train import EpochMetrics, History, check_closure_settings
 from optcli.trials import (
     OptimizerSpec,
     ProcessPoolRunner,
@@ -42,6 +55,7 @@ from optcli.trials import (
     TrialCallbacks,
     TrialRunner,
     TrialsInterrupted,
+    threads_per_job,
 )
 from optcli.tuning import check_overrides, search_space, tuning_rows
 from optcli.tuning import tune as run_tuning
@@ -82,6 +96,10 @@ class Comparison:
     function: dict | None = None  # 2-D test functions: name, minimum, start per seed, plot box, data config
     status: str = "completed"  # or interrupted: a stop signal ended it, unfinished trials are marked interrupted
     interrupted_by: str | None = None  # the signal's name
+    target: dict | None = None  # {"metric", "value", "higher_is_better"} of --target
+    loss_floor: float | None = None  # the best achievable validation loss of the task, when known
+    provenance: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -89,21 +107,51 @@ class Comparison:
         return d
 
 
-def parse_specs(texts: list[str]) -> list[OptimizerSpec]:
-    """Optimizer specs checked in full (name, keywords, values) before any training; each gets a distinct label."""
+def load_compare_config(path: str | Path | None, overrides: list[str]) -> Config:
+    """The config of a comparison: the specs name the optimizers, so `--set optimizer.name` is refused (a name in
+    the config file is the one `train` would use, and is replaced by the specs)."""
+    for item in overrides:
+        if parse_override(item)[0] == ["optimizer", "name"]:
+            raise UserError(
+                f"--set {item}: compare takes its optimizers from the command line (optcli compare sgd adam ...); "
+                f"optimizer.name applies to train only"
+            )
+    return load_config(path, overrides)
+
+
+def shared_settings(shared: OptimizerConfig, classes: dict[str, type]) -> dict[str, dict[str, Any]]:
+    """The config's optimizer keywords (file or --set) as defaults for every spec whose optimizer takes them
+    (spec label -> keywords); a keyword no optimizer of the comparison takes is an error."""
+    takes = {label: signature_defaults(cls) for label, cls in classes.items()}
+    for key in shared.kwargs:
+        if not any(key in sig for sig in takes.values()):
+            names = ", ".join(dict.fromkeys(cls.__name__ for cls in classes.values()))
+            raise UserError(f"optimizer.{key}: no optimizer of this comparison takes it ({names})")
+    return {label: {k: v for k, v in shared.kwargs.items() if k in takes[label]} for label in classes}
+
+
+def parse_specs(texts: list[str], *, shared: OptimizerConfig | None = None) -> list[OptimizerSpec]:
+    """Optimizer specs checked in full (name, keywords, values) before any training; each gets a distinct label.
+    `shared` (the config's optimizer section) gives defaults that a spec's own keywords override, and
+    parameter groups that apply to every spec."""
     if not texts:
         raise UserError("compare: name at least one optimizer, e.g. optcli compare sgd adam")
+    parsed = [(text, *parse_spec(text)) for text in texts]
+    classes = {str(i): resolve_optimizer(name) for i, (_, name, _) in enumerate(parsed)}
+    defaults = shared_settings(shared, classes) if shared is not None else {}
+    groups = [g.model_dump() for g in shared.groups] if shared is not None else []
     specs = []
-    for text in texts:
-        name, kwargs = parse_spec(text)
-        cls = resolve_optimizer(name, f"optimizer spec '{text}'")
-        kwargs = check_kwargs(f"optimizer spec '{text}'", cls, kwargs)
-        spec_cfg = optimizer_config(canonical_name(cls), kwargs, f"optimizer spec '{text}'")
+    for i, (text, _, own) in enumerate(parsed):
+        cls = classes[str(i)]
+        own = check_kwargs(f"optimizer spec '{text}'", cls, own)
+        kwargs = {**defaults.get(str(i), {}), **own}
+        spec_cfg = optimizer_config(canonical_name(cls), {**kwargs, "groups": groups}, f"optimizer spec '{text}'")
         try:
             check_optimizer(spec_cfg)
         except UserError as exc:
             raise UserError(f"optimizer spec '{text}': {str(exc).removeprefix('optimizer: ')}") from None
-        specs.append(OptimizerSpec(text.strip().lower() if kwargs else cls.__name__.lower(), spec_cfg.name, kwargs))
+        label = text.strip().lower() if own else cls.__name__.lower()
+        specs.append(OptimizerSpec(label, spec_cfg.name, spec_cfg.kwargs, groups))
     counts: dict[str, int] = {}
     for spec in specs:
         counts[spec.label] = counts.get(spec.label, 0) + 1
@@ -112,10 +160,14 @@ def parse_specs(texts: list[str]) -> list[OptimizerSpec]:
     return specs
 
 
-def trial_metrics(history: History) -> dict[str, float | None]:
+def trial_metrics(history: History, target: Target | None = None) -> dict[str, float | None]:
     best = history.best()
     last = history.epochs[-1] if history.epochs else None
+    reached = time_to_target(history, target) if target is not None else None
     return {
+        "target_epoch": reached["epoch"] if reached else None,
+        "target_steps": reached["steps"] if reached else None,
+        "target_seconds": reached["seconds"] if reached else None,
         "final_train_loss": last.train_loss if last else None,
         "best_val_loss": best.val_loss if best else None,
         "val_accuracy": best.val_accuracy if best else None,
@@ -128,7 +180,14 @@ def trial_metrics(history: History) -> dict[str, float | None]:
     }
 
 
-def aggregate(specs: list[OptimizerSpec], trials: list[Trial]) -> list[dict]:
+TARGET_KEYS = ("target_epoch", "target_steps", "target_seconds")
+
+
+def aggregate(
+    specs: list[OptimizerSpec], trials: list[Trial], target: Target | None = None, floor: float | None = None
+) -> list[dict]:
+    """Per optimizer: mean and std over its completed seeds; time to target over the seeds that met it (a
+    diverged run counts as not reached); the excess validation loss over the task's floor when it is known."""
     rows = []
     for spec in specs:
         mine = [t for t in trials if t.label == spec.label]
@@ -144,6 +203,13 @@ def aggregate(specs: list[OptimizerSpec], trials: list[Trial]) -> list[dict]:
         for key in [m[0] for m in METRICS] + extra:
             values = [v for t in done if (v := trial_metrics(t.history)[key]) is not None]
             row[key], row[key + "_std"] = mean_std(values)
+        if floor is not None and row["best_val_loss"] is not None:
+            row["excess_val_loss"] = row["best_val_loss"] - floor
+        if target is not None:
+            reached = [m for t in mine if (m := trial_metrics(t.history, target))["target_steps"] is not None]
+            row["target_reached"] = len(reached)
+            for key in TARGET_KEYS:
+                row[key], row[key + "_std"] = mean_std([float(v) for m in reached if (v := m[key]) is not None])
         diverged = [t for t in mine if t.history.status == "diverged"]
         failed = [t for t in mine if t.history.status == "failed"]
         parts = [f"{kind} {len(ts)}/{len(mine)}" for kind, ts in (("diverged", diverged), ("failed", failed)) if ts]
@@ -155,12 +221,18 @@ def aggregate(specs: list[OptimizerSpec], trials: list[Trial]) -> list[dict]:
 
 
 def verdict(
-    metric: str, name: str, lower_better: bool, specs: list[OptimizerSpec], trials: list[Trial], seeds: list[int]
+    metric: str,
+    name: str,
+    lower_better: bool,
+    specs: list[OptimizerSpec],
+    trials: list[Trial],
+    seeds: list[int],
+    target: Target | None = None,
 ) -> dict | None:
     """The best optimizer on one metric, and whether its lead over the runner-up beats the seed-to-seed spread."""
     per_label: dict[str, dict[int, float]] = {}
     for t in trials:
-        value = trial_metrics(t.history)[metric] if t.history.status == "completed" else None
+        value = trial_metrics(t.history, target)[metric] if t.history.status == "completed" else None
         if value is not None:
             per_label.setdefault(t.label, {})[t.seed] = value
     return paired_verdict(per_label, seeds=seeds, metric=metric, name=name, lower_better=lower_better)
@@ -181,12 +253,27 @@ def curves(specs: list[OptimizerSpec], trials: list[Trial], epochs: int) -> dict
     return out
 
 
+def target_verdict(specs: list[OptimizerSpec], trials: list[Trial], seeds: list[int], target: Target) -> dict:
+    """Who reached the target on how many seeds, and, among those that reached it on every seed, whether the one
+    with the fewest optimizer steps beats the next by more than the seed-to-seed spread."""
+    counts = {
+        s.label: sum(1 for t in trials if t.label == s.label and time_to_target(t.history, target)) for s in specs
+    }
+    reach = ", ".join(f"{label} {k}/{len(seeds)}" for label, k in counts.items())
+    name = f"optimizer steps to {target.text}"
+    out = verdict("target_steps", name, True, specs, trials, seeds, target)
+    if out is None:
+        return {"metric": "target_steps", "name": name, "best": None, "reached": counts, "text": f"reached by {reach}"}
+    return {**out, "reached": counts, "text": f"{out['text']}; reached by {reach}"}
+
+
 def run_comparison(
     cfg: Config,
     spec_texts: list[str],
     *,
-    seeds: int = 1,
+    seeds: int = 3,
     tune: bool = False,
+    target: str | None = None,
     tune_lr: bool = False,
     tune_budget: int = 5,
     tune_storage: str | None = None,
@@ -207,7 +294,10 @@ def run_comparison(
     for flag, value in (("--seeds", seeds), ("--tune-budget", tune_budget), ("--jobs", jobs), ("--threads", threads)):
         if value is not None and value < 1:
             raise UserError(f"{flag}: must be at least 1 (got {value})")
-    specs = parse_specs(spec_texts)
+    specs = parse_specs(spec_texts, shared=cfg.optimizer)
+    for spec in specs:
+        check_closure_settings(resolve_optimizer(spec.name), cfg.train.accumulate, f"optimizer spec '{spec.label}'")
+    goal = check_target(cfg, target) if target is not None else None
     check_model_config(cfg.model)
     check_scheduler(cfg.scheduler, cfg.train.epochs)
     check_runner_options(jobs=jobs, vectorize=vectorize, backend=backend)
@@ -276,6 +366,14 @@ def run_comparison(
             tuning=tuning,
             jobs=jobs,
             epoch_seconds=sum(e.seconds for h in tune_histories + [t.history for t in trials] for e in h.epochs),
+            target=goal,
+            floor=loss_floor(cfg.data, cfg.train.reduction),
+        )
+        comparison.provenance = provenance(
+            device=device,
+            threads=threads or (torch.get_num_threads() if jobs == 1 else threads_per_job(jobs)),
+            jobs=jobs,
+            optimizer_classes=[resolve_optimizer(s.name) for s in specs],
         )
         comparison.notes = notes
         if cfg.data.name == "function" and stopped is None:
@@ -300,7 +398,7 @@ def save_comparison(cfg: Config, comparison: Comparison, *, run_dir: Path | None
     run_dir = run_dir or create_run_dir(cfg.out_dir, cfg.name, prefix="compare-")
     comparison.run_dir = str(run_dir)
     with RunLock(run_dir), signals.held():
-        write_comparison(to_yaml(cfg), comparison, run_dir)
+        write_comparison(comparison_config_yaml(cfg), comparison, run_dir)
         if "tensorboard" in cfg.train.loggers:
             for t in comparison.trials:
                 write_history(run_dir / TENSORBOARD_DIR / trial_dir_name(t.label, t.seed), t.history)
@@ -319,6 +417,24 @@ def check_runner_options(*, jobs: int, vectorize: bool, backend: str) -> None:
         )
     if vectorize and (jobs > 1 or backend == "ray"):
         raise UserError("--vectorize: stacks the seeds in this process; drop --jobs and --backend ray")
+
+
+def comparison_config_yaml(cfg: Config) -> str:
+    """The resolved config without its optimizer section: what each optimizer ran with is in compare.optimizers."""
+    import yaml
+
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude={"optimizer"}), sort_keys=False)
+
+
+def check_target(cfg: Config, text: str) -> Target:
+    """--target parsed, and refused when no epoch's evaluation can hold its metric."""
+    metrics = [f.name for f in fields(EpochMetrics) if f.name.endswith(("loss", "accuracy"))]
+    target = parse_target(text, metrics)
+    if target.metric.startswith("val_") and cfg.data.val_fraction == 0:
+        raise UserError(f"--target {text}: {target.metric} needs a validation split; set data.val_fraction > 0")
+    if target.metric.endswith("accuracy") and cfg.data.name != "mnist":
+        raise UserError(f"--target {text}: accuracy needs a classification task (data.name=mnist); try val_loss")
+    return target
 
 
 def make_runner(
@@ -352,27 +468,43 @@ def build_comparison(
     tuning: dict | None = None,
     jobs: int = 1,
     epoch_seconds: float = 0.0,
+    target: Target | None = None,
+    floor: float | None = None,
 ) -> Comparison:
     """Tables, verdicts and curves from the trials: the same whether they ran here or came from several machines."""
     verdicts = [v for key, name, lower in METRICS if (v := verdict(key, name, lower, specs, trials, seeds))]
+    if target is not None:
+        verdicts.insert(0, target_verdict(specs, trials, seeds, target))
     return Comparison(
         specs,
         seeds,
         epochs,
         task,
         trials,
-        aggregate(specs, trials),
+        aggregate(specs, trials, target, floor),
         verdicts,
         curves(specs, trials, epochs),
         tuning,
         jobs=jobs,
         epoch_seconds=epoch_seconds,
+        target=target.to_dict() if target is not None else None,
+        loss_floor=floor,
     )
 
 
 def write_comparison(config_yaml: str, comparison: Comparison, run_dir) -> None:
     atomic_write_text(run_dir / "config.yaml", config_yaml + yaml_specs(comparison))
-    rows = [{"optimizer": t.label, "seed": t.seed, **e.csv_row()} for t in comparison.trials for e in t.history.epochs]
+    target = Target(**comparison.target) if comparison.target else None
+    rows = [
+        {
+            "optimizer": t.label,
+            "seed": t.seed,
+            **e.csv_row(),
+            **({"target_met": target.met(getattr(e, target.metric))} if target else {}),
+        }
+        for t in comparison.trials
+        for e in t.history.epochs
+    ]
     write_csv(run_dir / "metrics.csv", rows)
     write_json(run_dir / "summary.json", {"format": FORMAT_VERSION, **comparison.to_dict()})
     from optcli.report.plots import save_dynamics_plot, save_loss_plot  # matplotlib only when a comparison is written
@@ -414,7 +546,10 @@ def yaml_specs(comparison: Comparison) -> str:
     return yaml.safe_dump(
         {
             "compare": {
-                "optimizers": [{"label": s.label, "name": s.name, **s.kwargs} for s in comparison.specs],
+                "optimizers": [
+                    {"label": s.label, "name": s.name, **s.kwargs, **({"groups": s.groups} if s.groups else {})}
+                    for s in comparison.specs
+                ],
                 "seeds": comparison.seeds,
             }
         },

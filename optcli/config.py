@@ -1,8 +1,9 @@
 """The run configuration: schema, YAML loading and --set overrides. Imports no torch.
 
-Defaults are the built-in task: the synthetic regression of PyTorch's "learning with examples"
-tutorial (N=64, D_in=1000, H=100, D_out=10, MSE with reduction="sum", Adam lr=1e-4, 500 steps),
-so `optcli train` runs anywhere, offline, in seconds.
+Defaults are the built-in task: a synthetic regression with signal (a fixed random teacher plus Gaussian
+noise of known variance, with a validation split; tasks/regression.py), so `optcli train` and `optcli compare`
+run anywhere, offline, in seconds, and their answers mean something. PyTorch's "learning with examples"
+tutorial (random targets) is `data.target: random`, spelled out in configs/tutorial.yaml.
 """
 
 from __future__ import annotations
@@ -119,10 +120,20 @@ class DataConfig(Section):
     root: str = "data"  # torchvision root: MNIST lives in <root>/MNIST/raw
     download: bool = True  # fetch MNIST when it is missing
     batch_size: int = Field(64, gt=0)
-    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # held out of the training split for validation
-    samples: int = Field(64, gt=0)  # regression only: N
-    inputs: int = Field(1000, gt=0)  # regression only: D_in
-    outputs: int = Field(10, gt=0)  # regression only: D_out
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)  # held out of the training split for validation
+    normalize: Literal["standardize", "unit", "none"] = "standardize"  # MNIST pixels: (x/255-mean)/std, x/255, x
+    target: Literal["teacher", "random"] = "teacher"  # regression: teacher + noise, or the tutorial's N(0,1)
+    noise: float = Field(0.5, ge=0.0)  # regression teacher: std of the target noise; the val MSE floor is noise**2
+    samples: int = Field(1000, gt=0)  # regression only: N (train + validation)
+    inputs: int = Field(20, gt=0)  # regression only: D_in
+    outputs: int = Field(1, gt=0)  # regression only: D_out
+
+    @model_validator(mode="after")
+    def _normalize_is_for_mnist(self) -> DataConfig:
+        if self.name == "regression" and self.normalize != "standardize":
+            raise ValueError("data.normalize: applies to MNIST only; the regression inputs are already N(0, 1)")
+        return self
+
     function: Literal["rosenbrock", "rastrigin", "beale", "quadratic"] = "rosenbrock"  # data.name=function only
     start: list[float] | None = Field(None, min_length=2, max_length=2)  # function: start point; None: its default
     start_jitter: float = Field(0.1, ge=0.0)  # function: each seed moves the start by this times N(0, I)
@@ -130,7 +141,7 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    hidden: list[int] = Field(default_factory=lambda: [100], min_length=1)
+    hidden: list[int] = Field(default_factory=lambda: [64], min_length=1)
     activation: Literal[ACTIVATIONS] = "relu"  # type: ignore[valid-type]
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     init: str = "default"  # "default" keeps PyTorch's own; otherwise a torch.nn.init scheme by name
@@ -179,6 +190,7 @@ class SchedulerConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     name: str
+    interval: Literal["step", "epoch"] | None = None  # when scheduler.step() runs; None: the class's own (optim.py)
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -189,9 +201,9 @@ Logger = Literal["csv", "tensorboard"]
 
 
 class TrainConfig(Section):
-    epochs: int = Field(500, gt=0)
+    epochs: int = Field(20, gt=0)
     loss: Literal["cross_entropy", "mse", "value"] = "mse"  # value: the 2-D test function's value itself
-    reduction: Literal["mean", "sum"] = "sum"
+    reduction: Literal["mean", "sum"] = "mean"
     grad_clip: float | None = Field(None, gt=0)  # max global gradient norm
     accumulate: int = Field(1, gt=0)  # optimizer step every k batches
     fused: bool = True  # use the optimizer's fused kernel when it has one and the user did not choose
@@ -215,7 +227,7 @@ class Config(Section):
     out_dir: str = "runs"  # relative to the working directory; may not climb out of it
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=1e-4))
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)  # Adam at torch's defaults (lr 1e-3)
     scheduler: SchedulerConfig | None = None
     train: TrainConfig = Field(default_factory=TrainConfig)
     tuning: TuningConfig = Field(default_factory=TuningConfig)  # compare --tune's search spaces

@@ -13,8 +13,10 @@ from optcli.compare import Comparison, Trial, build_comparison, describe_functio
 from optcli.config import DataConfig, read_yaml
 from optcli.errors import UserError
 from optcli.limits import MAX_SUMMARY_BYTES, read_bounded
+from optcli.provenance import differences
 from optcli.run_files import parse_comparison_summary
 from optcli.runs import RunLock, check_run_name, create_run_dir
+from optcli.stats import Target
 from optcli.train import EpochMetrics, History
 from optcli.trials import OptimizerSpec
 
@@ -50,14 +52,14 @@ def merge_comparisons(run_dirs: list[str], *, out_dir: str = "runs", name: str |
         check_run_name(name, "--name")
     summaries = [_read(Path(d)) for d in run_dirs]
     first, config = summaries[0]
-    specs = [OptimizerSpec(s["label"], s["name"], s["kwargs"]) for s in first["specs"]]
+    specs = [OptimizerSpec(s["label"], s["name"], s["kwargs"], s.get("groups", [])) for s in first["specs"]]
     trials: list[Trial] = []
     seen: dict[tuple[str, int], str] = {}
     for run_dir, (summary, _) in zip(run_dirs, summaries, strict=True):
         if summary.get("status", "completed") != "completed":
             raise UserError(f"merge: {run_dir} is {summary['status']}; only finished comparisons merge")
-        for key in ("specs", "epochs", "task"):
-            if summary[key] != first[key]:
+        for key in ("specs", "epochs", "task", "target"):
+            if summary.get(key) != first.get(key):
                 raise UserError(f"merge: {run_dir} differs from {run_dirs[0]} in {key}; only like comparisons merge")
         other = {k: v for k, v in _config_of(Path(run_dir)).items() if k not in ("seed", "name")}
         if other != {k: v for k, v in config.items() if k not in ("seed", "name")}:
@@ -88,7 +90,14 @@ def merge_comparisons(run_dirs: list[str], *, out_dir: str = "runs", name: str |
         task=first["task"],
         trials=trials,
         epoch_seconds=sum(e.seconds for t in trials for e in t.history.epochs),
+        target=Target(**first["target"]) if first.get("target") else None,
+        floor=first.get("loss_floor"),
     )
+    parts = [summary.get("provenance") or {} for summary, _ in summaries]
+    differ = differences(parts)
+    comparison.provenance = parts[0] if not differ else {"parts": dict(zip(run_dirs, parts, strict=True))}
+    if differ:  # the results still merge, but their last bits may not be comparable
+        comparison.warnings.append(f"the merged parts ran with different software or settings: {'; '.join(differ)}")
     out = create_run_dir(out_dir, name, prefix="compare-merged-")
     comparison.run_dir = str(out)
     if first["task"] == "function":  # the trajectories need each seed's start point, rebuilt from the config

@@ -24,7 +24,12 @@ from optcli import stepping
 from optcli.config import OptimizerConfig, SchedulerConfig, parse_yaml
 from optcli.errors import UserError
 
-EPOCH_LENGTH_KWARGS = ("T_max", "total_steps")  # filled with train.epochs when not given (stepped per epoch)
+# Keywords that give a schedule's length: filled, when not given, with the number of times the scheduler will
+# be stepped (train.epochs per epoch, epochs x optimizer steps per epoch per step)
+SCHEDULE_LENGTH_KWARGS = ("T_max", "total_steps", "total_iters")
+# A scheduler whose signature counts in steps (OneCycleLR's steps_per_epoch, CyclicLR's step_size_up, warmup
+# steps) is stepped after every optimizer step unless scheduler.interval says otherwise; the rest per epoch.
+PER_STEP_KWARGS = ("steps_per_epoch", "step_size_up", "warmup_steps", "num_warmup_steps", "warmup_iters")
 
 
 def optimizer_classes() -> dict[str, type[torch.optim.Optimizer]]:
@@ -173,6 +178,8 @@ def check_kwargs(where: str, cls: type, kwargs: dict[str, Any]) -> dict[str, Any
         raise UserError(
             f"{where}: {cls.__name__} takes no argument '{unknown[0]}' ({valid}{', '.join(allowed) or 'none'})"
         )
+    for key, value in kwargs.items():
+        check_value_type(where, cls, key, value, allowed[key])
     return {k: tuple(v) if isinstance(v, list) and isinstance(allowed[k], tuple) else v for k, v in kwargs.items()}
 
 
@@ -181,6 +188,25 @@ def _constructor_kwargs(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
     if isinstance(kwargs.get("base_optimizer"), str) and "base_optimizer" in signature_defaults(cls):
         return {**kwargs, "base_optimizer": resolve_optimizer(kwargs["base_optimizer"], "optimizer.base_optimizer")}
     return kwargs
+
+
+def check_value_type(where: str, cls: type, key: str, value: Any, default: Any) -> None:
+    """A keyword whose default is a bool or a number must get one of the same kind, found here with the key's
+    name rather than deep inside torch. Defaults of other types (None, tensors, strings) are left to torch."""
+    got = f"got {value!r} ({type(value).__name__})"
+    if isinstance(default, bool):
+        ok, expected = isinstance(value, bool), "true or false"
+    elif isinstance(default, (int, float)):  # torch writes float defaults as 0 too (SGD's momentum)
+        ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, tuple) and default and all(isinstance(v, (int, float)) for v in default):
+        ok = isinstance(value, (list, tuple)) and len(value) == len(default)
+        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        expected = f"a list of {len(default)} numbers"
+    else:
+        return
+    if not ok:
+        at = f"{where}: {key}" if where.startswith("optimizer spec") else f"{where}.{key}"
+        raise UserError(f"{at}: {cls.__name__} expects {expected} like its default {default!r}, {got}")
 
 
 def needs_closure(optimizer: torch.optim.Optimizer | type[torch.optim.Optimizer]) -> bool:
@@ -331,15 +357,34 @@ def check_scheduler(cfg: SchedulerConfig | None, epochs: int) -> None:
         build_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), cfg, epochs)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig | None, epochs: int):
+def scheduler_interval(cfg: SchedulerConfig | None) -> str:
+    """ "step" or "epoch": scheduler.interval when given, else per step for schedules counted in steps."""
+    if cfg is None:
+        return "epoch"
+    if cfg.interval is not None:
+        return cfg.interval
+    cls = _lookup("scheduler.name", cfg.name, scheduler_classes())
+    return "step" if any(k in signature_defaults(cls) for k in PER_STEP_KWARGS) else "epoch"
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: SchedulerConfig | None, epochs: int, steps_per_epoch: int = 1
+):
+    """The scheduler, with its length (T_max, total_steps, ...) filled in when not given: the number of times
+    it will be stepped, epochs at interval "epoch", epochs x optimizer steps per epoch at interval "step"."""
     if cfg is None:
         return None
     cls = _lookup("scheduler.name", cfg.name, scheduler_classes())
     kwargs = check_kwargs("scheduler", cls, cfg.kwargs)
     defaults = signature_defaults(cls)
-    for key in EPOCH_LENGTH_KWARGS:
-        if key in defaults and key not in kwargs and defaults[key] in (inspect.Parameter.empty, None):
-            kwargs[key] = epochs
+    interval = scheduler_interval(cfg)
+    if interval == "step" and is_plateau_class(cls):
+        raise UserError(f"scheduler.interval: {cls.__name__} steps on a validation metric, once per epoch")
+    length = epochs * steps_per_epoch if interval == "step" else epochs
+    length_given = any(k in kwargs for k in (*SCHEDULE_LENGTH_KWARGS, "epochs", "steps_per_epoch"))
+    for key in SCHEDULE_LENGTH_KWARGS:
+        if key in defaults and not length_given and defaults[key] in (inspect.Parameter.empty, None):
+            kwargs[key] = length
     missing = [k for k, v in defaults.items() if v is inspect.Parameter.empty and k not in kwargs]
     if missing:
         raise UserError(f"scheduler: {cls.__name__} needs {', '.join(missing)} (e.g. scheduler.{missing[0]}: ...)")
@@ -351,6 +396,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig | Non
 
 def is_plateau(scheduler) -> bool:
     return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
+def is_plateau_class(cls: type) -> bool:
+    return issubclass(cls, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:

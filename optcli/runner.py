@@ -23,7 +23,7 @@ from optcli.errors import RunInterrupted, SystemRefused, UserError
 from optcli.loggers import check_loggers, make_loggers
 from optcli.model import check_model_config, resolve_device
 from optcli.optim import (
-    EPOCH_LENGTH_KWARGS,
+    SCHEDULE_LENGTH_KWARGS,
     check_optimizer,
     check_scheduler,
     needs_closure,
@@ -31,6 +31,7 @@ from optcli.optim import (
     scheduler_classes,
     signature_defaults,
 )
+from optcli.provenance import provenance
 from optcli.run_files import FORMAT_VERSION
 from optcli.runs import (
     RunLock,
@@ -44,7 +45,8 @@ from optcli.runs import (
     write_jsonl,
 )
 from optcli.tasks import load_data
-from optcli.train import History, fit
+from optcli.tasks.regression import loss_floor
+from optcli.train import History, check_closure_settings, fit
 
 CHECKPOINT_INTERVAL_S = 1.0  # last.pt is rewritten at most this often (and always after the final epoch)
 # what may change on --resume without changing what the saved state means: where the files go, how the run is
@@ -65,6 +67,7 @@ def preflight(cfg: Config, dist: Dist = SINGLE) -> torch.device:
     """Every check that needs torch, done before any data is loaded or any file is written."""
     check_model_config(cfg.model)
     check_optimizer(cfg.optimizer)
+    check_closure_settings(resolve_optimizer(cfg.optimizer.name), cfg.train.accumulate)
     check_scheduler(cfg.scheduler, cfg.train.epochs)
     check_loggers(cfg)
     if dist.enabled:
@@ -118,7 +121,9 @@ def summarize(
     interrupted_by: str | None = None,
     error: str | None = None,
 ) -> dict:
+    """The run's outcome, the excess validation loss over the task's floor when it has one, and provenance."""
     best = history.best()
+    floor = loss_floor(cfg.data, cfg.train.reduction)
     last = history.epochs[-1] if history.epochs else None
     return {
         "format": FORMAT_VERSION,
@@ -132,12 +137,17 @@ def summarize(
         "best": vars(best) if best else None,
         "test_loss": history.test_loss,
         "test_accuracy": history.test_accuracy,
+        "val_loss_floor": floor,
+        "excess_val_loss": best.val_loss - floor if floor is not None and best and best.val_loss is not None else None,
         "seconds": seconds,
         "seconds_per_epoch": (sum(e.seconds for e in history.epochs) / len(history.epochs)) if history.epochs else None,
         "device": str(device),
         "world_size": world,  # processes of a torchrun job
         "torch": torch.__version__,
         "optimizer": cfg.optimizer.model_dump(mode="json"),
+        "provenance": provenance(
+            device=device, threads=torch.get_num_threads(), optimizer_classes=[resolve_optimizer(cfg.optimizer.name)]
+        ),
     }
 
 
@@ -370,7 +380,7 @@ def _schedule_sized_from_epochs(cfg: Config) -> bool:
     defaults = signature_defaults(cls)
     return any(
         k in defaults and k not in cfg.scheduler.kwargs and defaults[k] in (inspect.Parameter.empty, None)
-        for k in EPOCH_LENGTH_KWARGS
+        for k in SCHEDULE_LENGTH_KWARGS
     )
 
 

@@ -1,9 +1,14 @@
-"""Statistics over seeds: mean and spread, and the verdict on whether a lead beats the seed-to-seed spread."""
+"""Statistics over seeds: mean and spread, the verdict on whether a lead beats the seed-to-seed spread, and time
+to target (the epoch, optimizer steps and training seconds at which a run first meets a metric's target)."""
 
 from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass
+from typing import Any
+
+from optcli.errors import UserError
 
 CONFIDENCE = 0.95
 
@@ -67,3 +72,62 @@ def paired_verdict(
             f"within the seed-to-seed spread, no clear winner"
         )
     return out
+
+
+@dataclass(frozen=True)
+class Target:
+    """A value of one per-epoch metric to reach: lower is better for losses, higher for accuracies."""
+
+    metric: str
+    value: float
+    higher_is_better: bool
+
+    def met(self, value: float | None) -> bool:
+        if value is None or not math.isfinite(value):
+            return False
+        return value >= self.value if self.higher_is_better else value <= self.value
+
+    @property
+    def text(self) -> str:
+        return f"{self.metric} {'>=' if self.higher_is_better else '<='} {self.value:g}"
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric, "value": self.value, "higher_is_better": self.higher_is_better}
+
+
+def parse_target(text: str, metrics: list[str]) -> Target:
+    """'val_accuracy=0.97' -> Target; the direction follows from the metric's name (accuracy up, loss down)."""
+    name, sep, raw = text.partition("=")
+    name = name.strip()
+    if not sep or not name:
+        raise UserError(f"--target {text}: expected metric=value, e.g. val_accuracy=0.97 or val_loss=0.1")
+    if name not in metrics:
+        raise UserError(f"--target {text}: unknown metric '{name}' (per-epoch metrics: {', '.join(metrics)})")
+    if "accuracy" in name:
+        higher = True
+    elif "loss" in name:
+        higher = False
+    else:
+        raise UserError(f"--target {text}: {name} is neither a loss nor an accuracy; no direction to reach it in")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UserError(f"--target {text}: the value '{raw.strip()}' is not a number") from None
+    if not math.isfinite(value):
+        raise UserError(f"--target {text}: the value must be finite")
+    return Target(name, value, higher)
+
+
+def time_to_target(history: Any, target: Target) -> dict | None:
+    """The first epoch whose evaluation meets the target, with the optimizer steps and the training seconds
+    (evaluation excluded) taken until then; None when the run never met it."""
+    for e in history.epochs:
+        if target.met(getattr(e, target.metric, None)):
+            return {"epoch": e.epoch, "steps": e.steps, "seconds": e.train_seconds}
+    return None
+
+
+def steps_to_target(history: Any, target: Target) -> int | None:
+    """Optimizer steps until the target was first met at an epoch's evaluation (None: never met)."""
+    reached = time_to_target(history, target)
+    return reached["steps"] if reached else None

@@ -19,9 +19,10 @@ from torch import nn
 
 from optcli.config import Config
 from optcli.distributed import SINGLE, Dist
-from optcli.optim import current_lr, is_plateau, needs_closure, step_with_closure
+from optcli.errors import UserError
+from optcli.optim import current_lr, is_plateau, needs_closure, scheduler_interval, step_with_closure
 from optcli.stepping import set_mode
-from optcli.tasks import Data, Split, batches, epoch_permutation
+from optcli.tasks import Data, Split, batches, epoch_permutation, steps_per_epoch
 from optcli.tasks.functions import FunctionValue
 
 LossFn = nn.CrossEntropyLoss | nn.MSELoss | FunctionValue
@@ -34,8 +35,10 @@ class EpochMetrics:
     train_loss: float  # the configured loss, averaged over the epoch's samples
     val_loss: float | None
     val_accuracy: float | None
-    lr: float  # the learning rate used during this epoch (first param group)
-    seconds: float
+    lr: float  # the learning rate at the epoch's first step (first param group)
+    seconds: float  # the whole epoch, evaluation included
+    steps: int = 0  # optimizer steps taken since the start of the run, this epoch's included
+    train_seconds: float = 0.0  # training time since the start of the run, evaluation excluded
     dynamics: dict | None = None  # per layer: gradient norm, update-to-weight ratio, step size (dynamics.py)
     position: dict | None = None  # 2-D test functions: x, y, f(x, y), distance to the minimum after the epoch
 
@@ -104,10 +107,12 @@ def train_one_epoch(
     on_batch: Callable[[int, int], None] | None = None,
     dist: Dist = SINGLE,
     reduction: str | None = None,
+    step_scheduler: Callable[[], object] | None = None,
 ) -> torch.Tensor:
     """One pass over `split` in the order `perm`; returns each batch's loss summed over its samples (on device).
     Under torchrun each rank runs its shard of every batch with a summed loss, and `reduction` is the
-    configured one (see `loss_weight`)."""
+    configured one (see `loss_weight`). `step_scheduler` is called after every optimizer step (per-step
+    schedules such as OneCycleLR)."""
     reduction = reduction or loss_fn.reduction
     model.train()
     set_mode(optimizer, training=True)  # schedule-free optimizers switch with the model
@@ -125,9 +130,13 @@ def train_one_epoch(
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model(x), y)
                 loss.backward()
+                if grad_clip is not None:  # every gradient the optimizer reads is the clipped one
+                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
                 return loss
 
             loss = step_with_closure(optimizer, closure)
+            if step_scheduler is not None:
+                step_scheduler()
         else:
             loss = loss_fn(model(x), y)
             (loss * scale * loss_weight(dist, n_global, reduction)).backward()
@@ -136,10 +145,22 @@ def train_one_epoch(
                     nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if step_scheduler is not None:
+                    step_scheduler()
         losses[i] = _sample_sum(loss.detach(), len(x), loss_fn.reduction)
         if on_batch is not None:
             on_batch(i + 1, n_batches)
     return dist.all_reduce_sum(losses)
+
+
+def check_closure_settings(optimizer_cls: type, accumulate: int, where: str = "optimizer") -> None:
+    """Optimizers that re-evaluate the loss in step() (LBFGS) take one step per batch: gradient accumulation
+    cannot apply to them, so it is refused rather than silently ignored (grad_clip applies inside the closure)."""
+    if accumulate > 1 and needs_closure(optimizer_cls):
+        raise UserError(
+            f"train.accumulate: {optimizer_cls.__name__} ({where}) re-evaluates the loss in step() and steps once "
+            f"per batch; set train.accumulate=1 and raise data.batch_size instead"
+        )
 
 
 def loss_weight(dist: Dist, n_global: int, reduction: str) -> float:
@@ -188,8 +209,13 @@ def fit(
     train_model = train_model or model
     loss_fn = make_loss(cfg, dist)
     device = data.train.x.device
+    per_step = scheduler is not None and scheduler_interval(cfg.scheduler) == "step"
+    closure = needs_closure(optimizer)
+    epoch_steps = steps_per_epoch(len(data.train), cfg.data.batch_size, 1 if closure else cfg.train.accumulate)
     for epoch in range(len(history.epochs) + 1, cfg.train.epochs + 1):
         t0 = time.perf_counter()
+        lr = current_lr(optimizer)
+        previous = history.epochs[-1] if history.epochs else None
         perm = epoch_permutation(len(data.train), cfg.seed, epoch, device)
         batch_cb = functools.partial(on_batch, epoch) if on_batch else None
         losses = train_one_epoch(
@@ -204,22 +230,32 @@ def fit(
             on_batch=batch_cb,
             dist=dist,
             reduction=cfg.train.reduction,
+            step_scheduler=scheduler.step if per_step else None,
         )
         set_mode(optimizer, training=False)  # before evaluation and before the checkpoint (on_epoch)
         finite = torch.isfinite(losses)
         bad_step = None if bool(finite.all()) else int((~finite).nonzero()[0]) + 1
+        train_end = time.perf_counter()  # after the host sync above, so queued device work is counted
         val_loss, val_acc = (
             evaluate(model, loss_fn, data.val, dist=dist) if data.val is not None and bad_step is None else (None, None)
         )
-        lr = current_lr(optimizer)
         train_loss = losses.sum().item() / len(data.train)
         if bad_step is None and val_loss is not None and not math.isfinite(val_loss):
             bad_step = len(losses)
-        if scheduler is not None and bad_step is None:
+        if scheduler is not None and bad_step is None and not per_step:
             scheduler.step(val_loss if val_loss is not None else train_loss) if is_plateau(
                 scheduler
             ) else scheduler.step()
-        metrics = EpochMetrics(epoch, train_loss, val_loss, val_acc, lr, time.perf_counter() - t0)
+        metrics = EpochMetrics(
+            epoch,
+            train_loss,
+            val_loss,
+            val_acc,
+            lr,
+            time.perf_counter() - t0,
+            steps=(previous.steps if previous else 0) + epoch_steps,
+            train_seconds=(previous.train_seconds if previous else 0.0) + train_end - t0,
+        )
         for callback in callbacks:
             callback.epoch_end(metrics, losses)
         history.epochs.append(metrics)

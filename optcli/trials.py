@@ -35,9 +35,10 @@ class OptimizerSpec:
     label: str
     name: str  # the optimizer's class name
     kwargs: dict[str, Any] = field(default_factory=dict)
+    groups: list[dict[str, Any]] = field(default_factory=list)  # optimizer.groups of the config, for every spec
 
     def config(self) -> OptimizerConfig:
-        return optimizer_config(self.name, self.kwargs, f"optimizer spec '{self.label}'")
+        return optimizer_config(self.name, {**self.kwargs, "groups": self.groups}, f"optimizer spec '{self.label}'")
 
 
 Plan = list[tuple[OptimizerSpec, int]]

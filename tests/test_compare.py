@@ -11,7 +11,7 @@ from optcli.config import load_config
 from optcli.train import EpochMetrics, History
 from tests.conftest import assert_user_error, cli, mnist_args
 
-FAST = ["--set", "train.epochs=6", "--set", "data.samples=32"]
+FAST = ["--set", "train.epochs=6", "--set", "data.samples=32", "--seeds", "1"]
 
 
 def test_every_optimizer_of_a_seed_starts_from_the_same_weights_and_batches(monkeypatch):
@@ -160,7 +160,7 @@ def test_tune_lr_gives_every_optimizer_the_same_budget(tiny_mnist):
 
 
 def test_tune_lr_without_validation_split_is_an_error():
-    result = cli("compare", "sgd", "adam", "--tune-lr")
+    result = cli("compare", "sgd", "adam", "--tune-lr", "--set", "data.val_fraction=0")
     assert result.exit_code == 2 and "val_fraction" in result.output
 
 

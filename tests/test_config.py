@@ -5,12 +5,24 @@ from optcli.errors import UserError
 from tests.conftest import cli
 
 
-def test_default_config_is_the_tutorial_regression():
-    cfg = load_config()
-    assert (cfg.data.name, cfg.data.samples, cfg.data.inputs, cfg.data.outputs) == ("regression", 64, 1000, 10)
-    assert cfg.model.hidden == [100]
+def test_tutorial_config_is_the_pytorch_tutorial_regression(repo_root):
+    cfg = load_config(repo_root / "configs" / "tutorial.yaml")
+    assert (cfg.data.name, cfg.data.target, cfg.data.samples, cfg.data.inputs, cfg.data.outputs) == (
+        "regression",
+        "random",
+        64,
+        1000,
+        10,
+    )
+    assert (cfg.data.batch_size, cfg.data.val_fraction, cfg.model.hidden) == (64, 0.0, [100])
     assert (cfg.optimizer.name, cfg.optimizer.kwargs["lr"]) == ("adam", 1e-4)
     assert (cfg.train.loss, cfg.train.reduction, cfg.train.epochs) == ("mse", "sum", 500)
+
+
+def test_default_task_is_the_teacher_regression_with_a_validation_split():
+    cfg = load_config()
+    assert (cfg.data.name, cfg.data.target, cfg.data.val_fraction > 0) == ("regression", "teacher", True)
+    assert cfg.optimizer.kwargs == {}  # torch's defaults, so that compare applies no lr to every optimizer
 
 
 def test_shipped_regression_config_equals_builtin_default(repo_root):

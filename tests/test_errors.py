@@ -121,7 +121,7 @@ CASES = [
         "Adam takes no argument 'momentum' (valid: lr, betas",
     ),
     ("optimizer-value", "train", _sets("optimizer.betas=[2,0.9]"), 2, "Invalid beta parameter"),
-    ("optimizer-value-type", "train", _sets("optimizer.lr=fast"), 2, "cannot train this model"),
+    ("optimizer-value-type", "train", _sets("optimizer.lr=fast"), 2, "optimizer.lr: Adam expects a number"),
     ("scheduler-name", "train", _sets("scheduler={name: warmup}"), 2, "scheduler.name: unknown name 'warmup'"),
     (
         "scheduler-kwarg",

@@ -15,8 +15,8 @@ def test_frozen_parameters_show_and_are_not_trainable():
     r = inspect_params(load_config(None, ["model.freeze=['fc1.*']"]))
     frozen = {p["name"] for p in r.params if not p["requires_grad"]}
     assert frozen == {"fc1.weight", "fc1.bias"}
-    assert r.totals["frozen"] == 1000 * 100 + 100
-    assert r.totals["trainable"] == 100 * 10 + 10
+    assert r.totals["frozen"] == 20 * 64 + 64  # the default task: 20 inputs, 64 hidden units, 1 output
+    assert r.totals["trainable"] == 64 * 1 + 1
     held = {n for g in r.groups for n in g["params"]}
     assert held == {"out.weight", "out.bias"}
     assert r.linkage["ok"] and r.linkage["trainable"] == 2
@@ -75,7 +75,8 @@ def test_modes_list_dropout_and_batchnorm():
 
 
 def test_checkpoint_optimizer_state_is_summarized(tmp_path):
-    assert cli("train", "--set", "train.epochs=3", "--set", "name=r").exit_code == 0
+    args = ("--set", "train.epochs=3", "--set", "data.batch_size=1000")  # one full batch: one step per epoch
+    assert cli("train", *args, "--set", "name=r").exit_code == 0
     result = cli("inspect-params", "--checkpoint", tmp_path / "runs" / "r" / "last.pt", "--json")
     assert result.exit_code == 0, result.output
     r = json.loads(result.stdout)
@@ -91,7 +92,7 @@ def test_json_agrees_with_the_table():
     table = cli("inspect-params", "--set", "model.hidden=[7]")
     assert result.exit_code == 0 and table.exit_code == 0, table.output
     r = json.loads(result.stdout)
-    assert r["totals"]["total"] == 1000 * 7 + 7 + 7 * 10 + 10
+    assert r["totals"]["total"] == 20 * 7 + 7 + 7 * 1 + 1
     assert f"total {r['totals']['total']:,} elements" in table.output
     for p in r["params"]:
         assert p["name"] in table.output

@@ -1,3 +1,4 @@
+import itertools
 import json
 import subprocess
 import sys
@@ -21,8 +22,8 @@ def only_run(tmp_path):
     return run_dir
 
 
-def test_default_regression_loss_falls_by_orders_of_magnitude(tmp_path):
-    result = cli("train")
+def test_tutorial_regression_loss_falls_by_orders_of_magnitude(tmp_path, repo_root):
+    result = cli("train", "-c", repo_root / "configs" / "tutorial.yaml")
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (only_run(tmp_path) / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 500
@@ -107,10 +108,12 @@ def test_resume_continues_where_it_stopped_and_matches_one_go(tiny_mnist, tmp_pa
     whole = tmp_path / "runs" / "whole"
     a, b = load_checkpoint(whole / "last.pt"), load_checkpoint(part / "last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]  # noqa: E731
     rows = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert strip(rows(part)) == strip(rows(whole))
     assert [r["epoch"] for r in rows(part)] == [1, 2, 3, 4, 5]
+    assert [r["steps"] for r in rows(part)] == [8 * e for e in range(1, 6)]  # 240 train images / batch 32
+    assert all(b["train_seconds"] > a["train_seconds"] for a, b in itertools.pairwise(rows(part)))
 
 
 @pytest.mark.parametrize(
@@ -147,7 +150,10 @@ def test_param_group_overrides_by_glob():
 
 
 def test_divergence_is_a_status_not_a_crash(tmp_path):
-    result = cli("train", "--set", "optimizer.name=sgd", "--set", "optimizer.lr=1e6", "--set", "train.epochs=50")
+    full_batch = ["--set", "data.batch_size=1000"]
+    result = cli(
+        "train", "--set", "optimizer.name=sgd", "--set", "optimizer.lr=1e6", "--set", "train.epochs=50", *full_batch
+    )
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output and "diverged" in result.output
     s = summary(only_run(tmp_path))
@@ -158,7 +164,7 @@ def test_scheduler_lowers_the_lr_per_epoch(tmp_path):
     result = cli("train", "--set", "train.epochs=4", "--set", "scheduler={name: StepLR, step_size: 1, gamma: 0.5}")
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (only_run(tmp_path) / "metrics.jsonl").read_text().splitlines()]
-    assert [r["lr"] for r in rows] == pytest.approx([1e-4, 5e-5, 2.5e-5, 1.25e-5])
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3, 5e-4, 2.5e-4, 1.25e-4])
 
 
 @pytest.mark.parametrize("init", ["xavier_uniform", "kaiming_normal", "orthogonal"])

@@ -46,6 +46,8 @@ def print_train_result(result, every: int = 0) -> None:
         what = "val loss" if b["val_loss"] is not None else "train loss"
         value = b["val_loss"] if b["val_loss"] is not None else b["train_loss"]
         line += f"; best {what} {fmt(value)} at epoch {b['epoch']}"
+        if s.get("excess_val_loss") is not None:
+            line += f" ({fmt(s['excess_val_loss'])} above the noise floor {fmt(s['val_loss_floor'])})"
     if h.test_loss is not None:
         line += f"; test loss {fmt(h.test_loss)}" + (
             f", test acc {pct(h.test_accuracy)}" if h.test_accuracy is not None else ""
@@ -85,6 +87,12 @@ def comparison_table(c) -> Table:
     table.add_column("hyperparameters")
     for _, title, _, _ in metrics:
         table.add_column(title, justify="right")
+    floor = getattr(c, "loss_floor", None)
+    if floor is not None and any(r.get("excess_val_loss") is not None for r in c.rows):
+        table.add_column(f"excess val loss (floor {fmt(floor)})", justify="right")
+    target = getattr(c, "target", None)
+    if target:
+        table.add_column(f"to {target['metric']} {'>=' if target['higher_is_better'] else '<='} {target['value']:g}")
     table.add_column("epochs to best", justify="right")
     table.add_column("s/epoch", justify="right")
     has_state = any(r.get("state_bytes") is not None for r in c.rows)
@@ -101,6 +109,10 @@ def comparison_table(c) -> Table:
         for key, _, _, as_pct in metrics:
             text = mean_pm(r.get(key), r.get(key + "_std"), as_pct)
             cells.append(f"[bold green]{text}[/]" if best.get(key) == r["label"] else text)
+        if floor is not None and any(r.get("excess_val_loss") is not None for r in c.rows):
+            cells.append(fmt(r.get("excess_val_loss")))
+        if target:
+            cells.append(target_cell(r, len(c.seeds)))
         cells += [mean_pm(r["epochs_to_best"], r["epochs_to_best_std"]), fmt(r["seconds_per_epoch"], 3)]
         cells += [nbytes(r.get("state_bytes"))] if has_state else []
         status = (
@@ -113,6 +125,17 @@ def comparison_table(c) -> Table:
         cells.append(f"[red]{status}[/]" if r["diverged_at"] or failed else status)
         table.add_row(*cells)
     return table
+
+
+def target_cell(r: dict, n: int) -> str:
+    """Time to target over the seeds that met it: epochs, optimizer steps and training seconds, and how many."""
+    if not r.get("target_reached"):
+        return f"not reached (0/{n})"
+    return (
+        f"epoch {mean_pm(r['target_epoch'], r['target_epoch_std'])}, "
+        f"{mean_pm(r['target_steps'], r['target_steps_std'])} steps, "
+        f"{mean_pm(r['target_seconds'], r['target_seconds_std'])} s, reached {r['target_reached']}/{n}"
+    )
 
 
 def curve_table(c, max_rows: int = 30) -> Table:
@@ -159,6 +182,8 @@ def print_comparison(c) -> None:
         console.print(f"  {v['name']}: {v['text']}")
     if not c.verdicts:
         console.print("  fewer than two optimizers completed every seed: no verdict")
+    for warning in getattr(c, "warnings", []):
+        console.print(f"[yellow]warning:[/] {warning}")
     outside = c.wall_seconds - c.epoch_seconds / c.jobs
     if c.wall_seconds:
         console.print(

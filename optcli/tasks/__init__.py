@@ -7,6 +7,7 @@ so there is no per-sample Python work in the training loop.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -96,3 +97,8 @@ def batches(split: Split, batch_size: int, perm: torch.Tensor) -> Iterator[tuple
 def task_shape(cfg: DataConfig) -> tuple[int, int]:
     """(in_features, out_features) of the task, known without loading any data."""
     return (28 * 28, 10) if cfg.name == "mnist" else (1, 1) if cfg.name == "function" else (cfg.inputs, cfg.outputs)
+
+
+def steps_per_epoch(n_train: int, batch_size: int, accumulate: int = 1) -> int:
+    """Optimizer steps in one epoch: one per `accumulate` batches, the last partial group included."""
+    return math.ceil(math.ceil(n_train / batch_size) / accumulate)

@@ -14,6 +14,15 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # the constants of pytorch/examples' Nor
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
+def scale_pixels(x: torch.Tensor, normalize: str) -> torch.Tensor:
+    """Pixel values 0-255 as data.normalize says: standardized with pytorch/examples' constants, scaled to
+    [0, 1] (the Keras example and many course protocols), or left as they are."""
+    if normalize == "none":
+        return x
+    x = x.div_(255)
+    return x.sub_(MNIST_MEAN).div_(MNIST_STD) if normalize == "standardize" else x
+
+
 def load_mnist(cfg: DataConfig) -> tuple[Split, Split]:
     from torchvision.datasets import MNIST
 
@@ -44,6 +53,6 @@ def load_mnist(cfg: DataConfig) -> tuple[Split, Split]:
             )
         if labels.shape != (images.shape[0],) or labels.min() < 0 or labels.max() > 9:
             raise UserError(f"data: {raw}/{which}-labels-idx1-ubyte does not hold one digit 0-9 per image")
-        x = images.reshape(len(images), -1).float().div_(255).sub_(MNIST_MEAN).div_(MNIST_STD)
+        x = scale_pixels(images.reshape(len(images), -1).float(), cfg.normalize)
         splits.append(Split(x, labels.long()))
     return splits[0], splits[1]

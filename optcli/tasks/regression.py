@@ -1,4 +1,9 @@
-"""The synthetic regression tasks."""
+"""The synthetic regression tasks: a teacher plus noise (the default task), and the tutorial's random targets.
+
+The teacher is a fixed random MLP seeded by data.seed; the targets are its outputs (scaled to unit variance
+per output) plus Gaussian noise of std data.noise. No model can predict the noise, so the best achievable
+expected MSE per output is noise**2: train and compare report the validation loss above that floor.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,27 @@ import torch
 from optcli.config import DataConfig
 from optcli.tasks import Split
 
+TEACHER_HIDDEN = 32  # the teacher's one tanh layer: nonlinear enough that a linear fit leaves a clear gap
+
 
 def load_regression(cfg: DataConfig) -> Split:
-    """The tutorial's task: inputs and targets both N(0, 1), independent of each other."""
     g = torch.Generator().manual_seed(cfg.seed)
-    return Split(torch.randn(cfg.samples, cfg.inputs, generator=g), torch.randn(cfg.samples, cfg.outputs, generator=g))
+    if cfg.target == "random":  # the tutorial: inputs and targets both N(0, 1), independent of each other
+        return Split(
+            torch.randn(cfg.samples, cfg.inputs, generator=g), torch.randn(cfg.samples, cfg.outputs, generator=g)
+        )
+    x = torch.randn(cfg.samples, cfg.inputs, generator=g)
+    w1 = torch.randn(cfg.inputs, TEACHER_HIDDEN, generator=g) / cfg.inputs**0.5
+    w2 = torch.randn(TEACHER_HIDDEN, cfg.outputs, generator=g) / TEACHER_HIDDEN**0.5
+    signal = torch.tanh(x @ w1) @ w2
+    signal = signal / signal.std(dim=0, keepdim=True).clamp_min(1e-12)
+    return Split(x, signal + cfg.noise * torch.randn(cfg.samples, cfg.outputs, generator=g))
+
+
+def loss_floor(cfg: DataConfig, reduction: str) -> float | None:
+    """The lowest expected loss any model can reach on unseen samples, in the units train and compare report
+    (MSE averaged over samples and outputs for reduction="mean", summed over outputs for "sum"); None when
+    the task has no known floor."""
+    if cfg.name != "regression" or cfg.target != "teacher":
+        return None
+    return cfg.noise**2 * (cfg.outputs if reduction == "sum" else 1)
