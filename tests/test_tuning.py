@@ -100,7 +100,7 @@ def test_a_shared_storage_lets_a_second_machine_reuse_the_studies(tiny_mnist, tm
         done = []
         callbacks = TrialCallbacks(on_trial_done=lambda label, seed, h: done.append(label))
         c = run_comparison(
-            cfg, ["sgd", "adam"], tune=True, tune_budget=2, tune_storage=str(storage), callbacks=callbacks
+            cfg, ["sgd", "adam"], seeds=1, tune=True, tune_budget=2, tune_storage=str(storage), callbacks=callbacks
         )
         counts.append(len(done))
         return c.tuning
@@ -113,7 +113,8 @@ def test_a_shared_storage_lets_a_second_machine_reuse_the_studies(tiny_mnist, tm
 
 
 def test_tuning_needs_a_validation_split_and_a_storage_needs_tuning(tmp_path):
-    assert_user_error(cli("compare", "adam", "--tune"), "--tune: needs a validation split", tmp_path)
+    no_val = ["--set", "data.val_fraction=0"]
+    assert_user_error(cli("compare", "adam", "--tune", *no_val), "--tune: needs a validation split", tmp_path)
     assert_user_error(
         cli("compare", "adam", "--tune-storage", "x.journal"), "--tune-storage: only with --tune", tmp_path
     )
