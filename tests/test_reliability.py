@@ -22,7 +22,16 @@ from optcli import signals
 from optcli.runs import RunLock, load_checkpoint
 from tests.conftest import cli
 
-SHORT = ["--set", "train.epochs=2", "--set", "data.samples=32", "--set", "data.inputs=20"]
+SHORT = [
+    "--set",
+    "train.epochs=2",
+    "--set",
+    "data.samples=32",
+    "--set",
+    "data.inputs=20",
+    "--set",
+    "data.val_fraction=0",
+]
 
 
 def strict_loads(text: str):
@@ -91,7 +100,7 @@ def test_two_resumes_at_once_one_runs_the_other_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("change", "fragment"),
     [
-        (["--set", "optimizer.lr=0.5"], "optimizer.lr: 0.0001 -> 0.5"),
+        (["--set", "optimizer.lr=0.5"], "optimizer.lr: '(absent)' -> 0.5"),
         (["--set", "optimizer.name=sgd"], "optimizer.name: 'adam' -> 'sgd'"),
         (["--set", "data.seed=7"], "data.seed: 0 -> 7"),
         (["--set", "train.epochs=1"], "train.epochs: 1 is fewer than the 2 epochs already trained"),
@@ -110,7 +119,7 @@ def test_resume_refuses_a_config_yaml_edited_on_disk(tmp_path):
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     config["optimizer"]["lr"] = 0.5
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    assert_one_line_error(cli("train", "--resume", run_dir), 2, "optimizer.lr: 0.0001 -> 0.5")
+    assert_one_line_error(cli("train", "--resume", run_dir), 2, "optimizer.lr: '(absent)' -> 0.5")
 
 
 def test_more_epochs_resume_but_not_when_a_schedule_was_sized_from_them(tmp_path):
@@ -371,14 +380,15 @@ def test_stdout_on_a_full_device_is_one_line_and_exit_1(tmp_path):
 
 
 def test_batch_norm_with_a_last_batch_of_one_is_refused_before_training(tmp_path):
-    result = cli("train", "--set", "model.batch_norm=true", "--set", "data.samples=65", "--set", "train.epochs=2")
+    result = cli("train", "--set", "model.batch_norm=true", "--set", "data.samples=65", "--set", "train.epochs=2",
+                 "--set", "data.val_fraction=0")  # fmt: skip
     assert_one_line_error(result, 2, "model.batch_norm: the last batch of each epoch holds 1 sample")
     assert not Path("runs").exists()
 
 
 def test_a_model_too_large_for_memory_is_refused_with_the_estimate(tmp_path):
     result = cli("train", "--set", "model.hidden=[100000000]")
-    line = assert_one_line_error(result, 2, "model: needs about", "101,100,000,010 parameters", "available on cpu")
+    line = assert_one_line_error(result, 2, "model: needs about", "2,200,000,001 parameters", "available on cpu")
     assert "TB" in line
     assert not Path("runs").exists()
 
@@ -395,7 +405,7 @@ def test_a_diverged_run_writes_strict_json_everywhere(tmp_path):
     rows = [strict_loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert printed["status"] == summary["status"] == "diverged"
     assert rows[-1]["train_loss"] is None  # not finite: written as null, and the status says why
-    compared = cli("compare", "sgd:lr=1e30", "adam", *SHORT, "--set", "name=c", "--json")
+    compared = cli("compare", "sgd:lr=1e30", "adam", *SHORT, "--seeds", "1", "--set", "name=c", "--json")
     assert compared.exit_code == 0, compared.output
     assert strict_loads(compared.stdout)["rows"][0]["status"] == "diverged 1/1"
     strict_loads((Path("runs") / "c" / "summary.json").read_text())
@@ -435,7 +445,7 @@ def comparison_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("comparisons")
     for name, seed in (("a", 0), ("b", 1)):
         proc = subprocess.run(
-            [sys.executable, "-m", "optcli", "compare", "sgd", "adam", *SHORT, "--set", f"seed={seed}"]
+            [sys.executable, "-m", "optcli", "compare", "sgd", "adam", *SHORT, "--seeds", "1", "--set", f"seed={seed}"]
             + ["--set", f"name={name}"],
             cwd=root,
             capture_output=True,
