@@ -32,7 +32,7 @@ from optcli.config import Config
 from optcli.dynamics import Dynamics
 from optcli.model import MLP, build_model, dropout_mask
 from optcli.optim import build_optimizer, build_scheduler, resolve_optimizer, scheduler_classes
-from optcli.tasks import Data, Split, epoch_permutation
+from optcli.tasks import Data, Split, epoch_permutation, steps_per_epoch
 from optcli.train import EVAL_BATCH, EpochMetrics, History, make_loss
 from optcli.trials import OptimizerSpec, Plan, TrialCallbacks, TrialRunner, _interrupted, run_trial
 
@@ -255,10 +255,12 @@ def fit_stacked(
     views = {seed: _SeedView(model, slot) for slot, seed in enumerate(seeds)}
     # per seed, the measurements dynamics.Dynamics takes of a plain run, on the seed's slices
     dynamics = {seed: Dynamics(views[seed], optimizer) for seed in seeds} if cfg.train.dynamics else {}  # type: ignore[arg-type]
+    epoch_steps = steps_per_epoch(len(data.train), cfg.data.batch_size, cfg.train.accumulate)
     for epoch in range(1, cfg.train.epochs + 1):
         t0 = time.perf_counter()
         perms = torch.stack([epoch_permutation(len(data.train), seed, epoch, device) for seed in live])
         losses = _train_epoch(cfg, model, optimizer, loss_fn, data.train, perms)
+        train_seconds = (time.perf_counter() - t0) / len(live)  # per seed, evaluation excluded, as a plain trial
         evals = _evaluate(model, loss_fn, data.val, len(live)) if data.val is not None else None
         lr, seconds = float(optimizer.param_groups[0]["lr"]), (time.perf_counter() - t0) / len(live)
         diverged = []
@@ -270,7 +272,17 @@ def fit_stacked(
             if bad_step is None and val_loss is not None and not math.isfinite(val_loss):
                 bad_step = len(column)
             history = histories[seed]
-            metrics = EpochMetrics(epoch, column.sum().item() / len(data.train), val_loss, val_acc, lr, seconds)
+            previous = history.epochs[-1] if history.epochs else None
+            metrics = EpochMetrics(
+                epoch,
+                column.sum().item() / len(data.train),
+                val_loss,
+                val_acc,
+                lr,
+                seconds,
+                steps=(previous.steps if previous else 0) + epoch_steps,
+                train_seconds=(previous.train_seconds if previous else 0.0) + train_seconds,
+            )
             if seed in dynamics:
                 dynamics[seed].epoch_end(metrics, column)
                 metrics.dynamics["state_bytes"] = seed_state_bytes(optimizer, len(live))  # type: ignore[index]

@@ -106,7 +106,7 @@ def _assert_histories_close(vec, plain) -> None:
         assert tv.history.diverged_at == tp.history.diverged_at
         assert len(tv.history.epochs) == len(tp.history.epochs)
         for ev, ep in zip(tv.history.epochs, tp.history.epochs, strict=True):
-            assert ev.lr == ep.lr
+            assert ev.lr == ep.lr and ev.steps == ep.steps  # optimizer steps counted as a plain trial counts them
             if ep.dynamics is not None:  # train.dynamics (on by default): measured per seed on its slices
                 assert ev.dynamics["state_bytes"] == ep.dynamics["state_bytes"]
                 assert ev.dynamics["layers"].keys() == ep.dynamics["layers"].keys()
