@@ -120,7 +120,19 @@ def test_merged_function_comparisons_draw_trajectories_from_every_seed(tmp_path,
     config = repo_root / "configs" / "rosenbrock.yaml"
     for seed in (0, 1):
         result = cli(
-            "compare", "sgd", "adam", "-c", config, "--epochs", "5", "--set", f"seed={seed}", "--set", f"name=s{seed}"
+            "compare",
+            "sgd",
+            "adam",
+            "-c",
+            config,
+            "--epochs",
+            "5",
+            "--seeds",
+            "1",
+            "--set",
+            f"seed={seed}",
+            "--set",
+            f"name=s{seed}",
         )
         assert result.exit_code == 0, result.output
     result = cli("merge", "runs/s0", "runs/s1", "--name", "both")

@@ -133,6 +133,7 @@ def test_more_epochs_resume_but_not_when_a_schedule_was_sized_from_them(tmp_path
 
 
 def test_stop_signals_raise_stopped_and_are_held_while_files_are_written():
+    before = signal.getsignal(signal.SIGTERM)  # not SIG_DFL once an earlier test has started Ray in this process
     with signals.stop_on_signals():
         with pytest.raises(signals.Stopped) as caught:
             os.kill(os.getpid(), signal.SIGUSR1)
@@ -145,7 +146,7 @@ def test_stop_signals_raise_stopped_and_are_held_while_files_are_written():
                 time.sleep(0.2)
                 written = True  # reached: the signal waited for the end of the held section
         assert written and caught.value.signum == signal.SIGTERM
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+    assert signal.getsignal(signal.SIGTERM) is before  # put back
 
 
 def _start(args, cwd, **kw):
@@ -205,7 +206,21 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_parallel_compare_ends_its_workers_and_marks_their_trials(tmp_path, sig):
     # long trials, so that both workers are mid-trial when the signal reaches the terminal's whole process group
-    args = ["-m", "optcli", "compare", "sgd", "adam", "--jobs", "2", "--epochs", "100000", "--set", "name=c"]
+    args = [
+        "-m",
+        "optcli",
+        "compare",
+        "sgd",
+        "adam",
+        "--jobs",
+        "2",
+        "--seeds",
+        "1",
+        "--epochs",
+        "100000",
+        "--set",
+        "name=c",
+    ]
     proc = _start(args, tmp_path, start_new_session=True)
     deadline = time.monotonic() + 60
     while (

@@ -51,7 +51,8 @@ def save_loss_plot(c, path) -> None:
             f"band min–max over {len(c.seeds)} seed(s)"
         )
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # every trial failed: nothing drawn to label
+            ax.legend()
     fig.tight_layout()
     _save(fig, path)
 
