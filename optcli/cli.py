@@ -65,8 +65,11 @@ def user_errors(command: Callable) -> Callable:
         except RunInterrupted as exc:
             typer.echo(f"\n{exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
+        except BrokenPipeError:  # the reader went away (optcli ... | head -1): end quietly, as Rich does
+            _drop_stdout()  # nothing more goes to the closed pipe
+            raise typer.Exit(1) from None
         except OSError as exc:  # the operating system said no where no core function named the path: stdout
-            where = exc.filename or ("stdout" if exc.errno in (errno.ENOSPC, errno.EPIPE, errno.EIO) else "optcli")
+            where = exc.filename or ("stdout" if exc.errno in (errno.ENOSPC, errno.EIO) else "optcli")
             typer.echo(one_line(f"error: {where}: {exc.strerror or exc}"), err=True)
             _drop_stdout()
             raise typer.Exit(1) from None

@@ -35,6 +35,7 @@ from optcli.optim import (
     check_kwargs,
     check_optimizer,
     check_scheduler,
+    needs_closure,
     parse_spec,
     resolve_optimizer,
     signature_defaults,
@@ -46,7 +47,7 @@ from optcli.stats import Target, mean_std, paired_verdict, parse_target, time_to
 from optcli.tasks import load_data
 from optcli.tasks.functions import FUNCTIONS, grid, plot_box, start_point
 from optcli.tasks.regression import loss_floor
-from optcli.train import EpochMetrics, History, check_closure_settings
+from optcli.train import EpochMetrics, History, check_closure_settings, check_precision
 from optcli.trials import (
     OptimizerSpec,
     ProcessPoolRunner,
@@ -191,7 +192,7 @@ def aggregate(
     rows = []
     for spec in specs:
         mine = [t for t in trials if t.label == spec.label]
-        done = [t for t in mine if t.history.status == "completed"]
+        done = [t for t in mine if t.history.finished]
         row: dict[str, Any] = {
             "label": spec.label,
             "optimizer": spec.name,
@@ -212,8 +213,9 @@ def aggregate(
                 row[key], row[key + "_std"] = mean_std([float(v) for m in reached if (v := m[key]) is not None])
         diverged = [t for t in mine if t.history.status == "diverged"]
         failed = [t for t in mine if t.history.status == "failed"]
-        parts = [f"{kind} {len(ts)}/{len(mine)}" for kind, ts in (("diverged", diverged), ("failed", failed)) if ts]
-        row["status"] = ", ".join(parts) or "completed"
+        early = [t for t in mine if t.history.status == "stopped_early"]
+        kinds = (("diverged", diverged), ("failed", failed), ("stopped early", early))
+        row["status"] = ", ".join(f"{kind} {len(ts)}/{len(mine)}" for kind, ts in kinds if ts) or "completed"
         row["failed"] = [{"seed": t.seed, "error": t.history.error} for t in failed]
         row["diverged_at"] = [{"seed": t.seed, **(t.history.diverged_at or {})} for t in diverged]
         rows.append(row)
@@ -232,7 +234,7 @@ def verdict(
     """The best optimizer on one metric, and whether its lead over the runner-up beats the seed-to-seed spread."""
     per_label: dict[str, dict[int, float]] = {}
     for t in trials:
-        value = trial_metrics(t.history, target)[metric] if t.history.status == "completed" else None
+        value = trial_metrics(t.history, target)[metric] if t.history.finished else None
         if value is not None:
             per_label.setdefault(t.label, {})[t.seed] = value
     return paired_verdict(per_label, seeds=seeds, metric=metric, name=name, lower_better=lower_better)
@@ -313,6 +315,8 @@ def run_comparison(
             search_space(spec, overrides=cfg.tuning.spaces, lr_only=not tune)
         check_overrides(specs, cfg.tuning.spaces)
     device = resolve_device(cfg.device)
+    uses_closure = any(needs_closure(resolve_optimizer(spec.name)) for spec in specs)
+    check_precision(cfg.train.precision, device, uses_closure=uses_closure)
     seed_list = [cfg.seed + i for i in range(seeds)]
     run_dir = create_run_dir(cfg.out_dir, cfg.name, prefix="compare-") if tuning_on else None  # the study's home
     if on_plan:

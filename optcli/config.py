@@ -200,6 +200,19 @@ class SchedulerConfig(BaseModel):
 Logger = Literal["csv", "tensorboard"]
 
 
+class EarlyStoppingConfig(Section):
+    """Stop when `metric` has not improved by more than min_delta for `patience` epochs (Keras' EarlyStopping)."""
+
+    metric: Literal["val_loss", "val_accuracy", "train_loss"] = "val_loss"
+    patience: int = Field(5, ge=1)
+    min_delta: float = Field(0.0, ge=0.0)
+    mode: Literal["auto", "min", "max"] = "auto"  # auto: max for accuracy, min for losses
+
+    @property
+    def maximize(self) -> bool:
+        return self.mode == "max" or (self.mode == "auto" and self.metric.endswith("accuracy"))
+
+
 class TrainConfig(Section):
     epochs: int = Field(20, gt=0)
     loss: Literal["cross_entropy", "mse", "value"] = "mse"  # value: the 2-D test function's value itself
@@ -213,6 +226,13 @@ class TrainConfig(Section):
     loggers: list[Logger] = Field(default_factory=lambda: list[Logger](["csv"]))  # see loggers.py
     log_steps: bool = False  # tensorboard: also the loss of every step
     dynamics: bool = True  # per layer and epoch: gradient norm, update-to-weight ratio, step size (dynamics.py)
+    early_stopping: EarlyStoppingConfig | None = None
+    precision: Literal["32", "bf16", "16"] = "32"  # autocast dtype: float32, bfloat16, float16 (with a GradScaler)
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value  # YAML reads 32 as int
 
 
 class TuningConfig(Section):
@@ -248,6 +268,14 @@ class Config(Section):
             raise ValueError("train.loss: mse needs real-valued targets; data.name=mnist wants cross_entropy")
         if (self.data.name == "function") != (self.train.loss == "value"):
             raise ValueError("train.loss: value goes with data.name=function, and only with it (the loss is f(x, y))")
+        stop = self.train.early_stopping
+        if stop is not None and stop.metric.startswith("val_") and self.data.val_fraction == 0:
+            raise ValueError(
+                f"train.early_stopping.metric: {stop.metric} needs a validation split; "
+                f"set data.val_fraction > 0 (or monitor train_loss)"
+            )
+        if stop is not None and stop.metric == "val_accuracy" and self.data.name != "mnist":
+            raise ValueError("train.early_stopping.metric: val_accuracy needs a classification task (data.name: mnist)")
         return self
 
 

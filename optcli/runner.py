@@ -46,7 +46,7 @@ from optcli.runs import (
 )
 from optcli.tasks import load_data
 from optcli.tasks.regression import loss_floor
-from optcli.train import History, check_closure_settings, fit
+from optcli.train import History, check_closure_settings, check_precision, fit, grad_scaler
 
 CHECKPOINT_INTERVAL_S = 1.0  # last.pt is rewritten at most this often (and always after the final epoch)
 # what may change on --resume without changing what the saved state means: where the files go, how the run is
@@ -81,16 +81,19 @@ def preflight(cfg: Config, dist: Dist = SINGLE) -> torch.device:
                 f"optimizer: {cfg.optimizer.name} re-evaluates the loss in step() and is not supported "
                 f"under torchrun; run it in one process"
             )
-    return resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
+    check_precision(cfg.train.precision, device, uses_closure=needs_closure(resolve_optimizer(cfg.optimizer.name)))
+    return device
 
 
-def training_state(model, optimizer, scheduler) -> dict:
+def training_state(model, optimizer, scheduler, scaler: torch.amp.GradScaler | None = None) -> dict:
     """Everything a resumed run needs besides its history, copied so that training can go on meanwhile."""
     return clone_state(
         {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -133,6 +136,7 @@ def summarize(
         "epochs_completed": len(history.epochs),
         "epochs_planned": cfg.train.epochs,
         "diverged_at": history.diverged_at,
+        "stopped_early": history.stopped_early,
         "final": vars(last) if last else None,
         "best": vars(best) if best else None,
         "test_loss": history.test_loss,
@@ -165,8 +169,8 @@ class RunWriter:
         self.last_write = 0.0
         self.started = time.perf_counter()
 
-    def epoch_done(self, history: History, model, optimizer, scheduler, force: bool = False) -> None:
-        self.state = training_state(model, optimizer, scheduler)
+    def epoch_done(self, history: History, model, optimizer, scheduler, scaler=None, force: bool = False) -> None:
+        self.state = training_state(model, optimizer, scheduler, scaler)
         self.history = History(list(history.epochs), history.status, history.diverged_at)
         if force or time.monotonic() - self.last_write >= CHECKPOINT_INTERVAL_S:
             self.flush()
@@ -275,7 +279,10 @@ def _train_locked(
         check_resume(checkpoint, cfg, str(resume))  # before anything is written
     data = load_data(cfg.data, device)
     model, optimizer, scheduler = build_model_and_optimizer(cfg, data, device)
-    history = _restore(checkpoint, model, optimizer, scheduler, str(resume)) if checkpoint is not None else History()
+    scaler = grad_scaler(cfg.train.precision, device)  # its loss scale is part of the state of a float16 run
+    history = (
+        _restore(checkpoint, model, optimizer, scheduler, scaler, str(resume)) if checkpoint is not None else History()
+    )
     train_model = model
     if dist.enabled:  # the checkpoint keeps the unwrapped model, so DDP and single-process runs resume each other
         from torch.nn.parallel import DistributedDataParallel
@@ -314,7 +321,12 @@ def _train_locked(
     def epoch_done(h: History) -> None:
         if writer is not None:
             writer.epoch_done(
-                h, model, optimizer, scheduler, force=h.status == "diverged" or len(h.epochs) == cfg.train.epochs
+                h,
+                model,
+                optimizer,
+                scheduler,
+                scaler,
+                force=h.status == "diverged" or len(h.epochs) == cfg.train.epochs,
             )
         if on_epoch is not None:
             on_epoch(h)
@@ -333,6 +345,7 @@ def _train_locked(
             train_model=train_model,
             dist=dist,
             callbacks=callbacks,
+            scaler=scaler,
         )
         if writer is not None:
             writer.flush(history=history)  # the final status and the test metrics
@@ -408,12 +421,14 @@ def check_resume(checkpoint: dict, cfg: Config, run_dir: str) -> None:
         )
 
 
-def _restore(checkpoint: dict, model, optimizer, scheduler, resume: str) -> History:
+def _restore(checkpoint: dict, model, optimizer, scheduler, scaler: torch.amp.GradScaler, resume: str) -> History:
     try:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scheduler is not None and checkpoint.get("scheduler") is not None:
             scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint.get("scaler") is not None:
+            scaler.load_state_dict(checkpoint["scaler"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])

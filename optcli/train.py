@@ -7,17 +7,20 @@ read back once at its end, so the loop never waits on a host sync per step.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import torch
 from torch import nn
 
-from optcli.config import Config
+from optcli.config import Config, EarlyStoppingConfig
 from optcli.distributed import SINGLE, Dist
 from optcli.errors import UserError
 from optcli.optim import current_lr, is_plateau, needs_closure, scheduler_interval, step_with_closure
@@ -47,14 +50,22 @@ class EpochMetrics:
         return {k: v for k, v in vars(self).items() if k not in ("dynamics", "position")}
 
 
+FINISHED = ("completed", "stopped_early")  # statuses of a run that trained to its end, planned or early
+
+
 @dataclass
 class History:
     epochs: list[EpochMetrics] = field(default_factory=list)
-    status: str = "running"  # completed | diverged | interrupted | failed
+    status: str = "running"  # completed | stopped_early | diverged | interrupted | failed
     diverged_at: dict | None = None  # {"epoch": e, "step": s} of the first non-finite loss
     test_loss: float | None = None
     test_accuracy: float | None = None
     error: str | None = None  # why a trial failed (its task raised or was lost, after one retry)
+    stopped_early: dict | None = None  # {"epoch", "best_epoch", "metric", "best"} when early stopping ended the run
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,6 +91,65 @@ class EpochCallback(Protocol):
 
 def _score(e: EpochMetrics) -> float:
     return e.val_loss if e.val_loss is not None else e.train_loss
+
+
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
+
+
+def autocast(precision: str, device_type: str) -> AbstractContextManager:
+    """The forward pass under torch.autocast for bf16 and 16 (matmuls in the low precision, reductions such as
+    the loss in float32); float32 runs as it is."""
+    if precision == "32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=PRECISION_DTYPES[precision])
+
+
+def check_precision(precision: str, device: torch.device, *, uses_closure: bool = False) -> None:
+    """Refuse, before training, a precision the device cannot run: one tiny forward and backward under autocast,
+    whose output must come out in the asked dtype (torch warns and falls back to float32 where it cannot)."""
+    if precision == "32":
+        return
+    if precision == "16" and uses_closure:
+        raise UserError(
+            "train.precision: 16 needs a GradScaler, which cannot step optimizers that re-evaluate the "
+            "loss in step() (LBFGS); use bf16 or 32"
+        )
+    layer = nn.Linear(4, 4).to(device)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with autocast(precision, device.type):
+                out = layer(torch.ones(2, 4, device=device))
+            out.float().sum().backward()
+    except (RuntimeError, ValueError) as exc:
+        raise UserError(
+            f"train.precision: {precision} does not run on {device} ({str(exc).splitlines()[0][:160]})"
+        ) from None
+    if out.dtype != PRECISION_DTYPES[precision]:
+        raise UserError(f"train.precision: autocast on {device} does not support {PRECISION_DTYPES[precision]}; use 32")
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """float16 gradients underflow without loss scaling; with any other precision the scaler is a pass-through
+    (scale() returns the loss, step() calls optimizer.step()), so the loop has one shape for all."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "16")
+
+
+def early_stop(history: History, rule: EarlyStoppingConfig) -> dict | None:
+    """Whether `rule` stops training after the last epoch of `history`. Decided from the history alone, so a
+    resumed run stops exactly where the uninterrupted one would. An improvement beats the best so far by more
+    than min_delta; `patience` epochs without one stop the run (a non-finite value is no improvement)."""
+    best, best_epoch, wait = None, None, 0
+    sign = -1.0 if rule.maximize else 1.0
+    for e in history.epochs:
+        value = getattr(e, rule.metric)
+        if value is not None and math.isfinite(value) and (best is None or sign * (value - best) < -rule.min_delta):
+            best, best_epoch, wait = value, e.epoch, 0
+        else:
+            wait += 1
+    if wait < rule.patience or not history.epochs:
+        return None
+    return {"epoch": history.epochs[-1].epoch, "best_epoch": best_epoch, "metric": rule.metric, "best": best}
 
 
 def make_loss(cfg: Config, dist: Dist = SINGLE) -> LossFn:
@@ -108,12 +178,16 @@ def train_one_epoch(
     dist: Dist = SINGLE,
     reduction: str | None = None,
     step_scheduler: Callable[[], object] | None = None,
+    precision: str = "32",
+    scaler: torch.amp.GradScaler | None = None,
 ) -> torch.Tensor:
     """One pass over `split` in the order `perm`; returns each batch's loss summed over its samples (on device).
     Under torchrun each rank runs its shard of every batch with a summed loss, and `reduction` is the
     configured one (see `loss_weight`). `step_scheduler` is called after every optimizer step (per-step
-    schedules such as OneCycleLR)."""
+    schedules such as OneCycleLR); `precision` and `scaler` are train.precision's autocast and GradScaler."""
     reduction = reduction or loss_fn.reduction
+    device_type = split.x.device.type
+    scaler = scaler or grad_scaler(precision, split.x.device)
     model.train()
     set_mode(optimizer, training=True)  # schedule-free optimizers switch with the model
     n_batches = math.ceil(len(split) / batch_size)
@@ -128,7 +202,8 @@ def train_one_epoch(
 
             def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(x), y)
+                with autocast(precision, device_type):
+                    loss = loss_fn(model(x), y)
                 loss.backward()
                 if grad_clip is not None:  # every gradient the optimizer reads is the clipped one
                     nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
@@ -138,12 +213,15 @@ def train_one_epoch(
             if step_scheduler is not None:
                 step_scheduler()
         else:
-            loss = loss_fn(model(x), y)
-            (loss * scale * loss_weight(dist, n_global, reduction)).backward()
+            with autocast(precision, device_type):
+                loss = loss_fn(model(x), y)
+            scaler.scale(loss * scale * loss_weight(dist, n_global, reduction)).backward()
             if (i + 1) % accumulate == 0 or i + 1 == n_batches:
                 if grad_clip is not None:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                     nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 if step_scheduler is not None:
                     step_scheduler()
@@ -173,7 +251,9 @@ def loss_weight(dist: Dist, n_global: int, reduction: str) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loss_fn: LossFn, split: Split, *, dist: Dist = SINGLE) -> tuple[float, float | None]:
+def evaluate(
+    model: nn.Module, loss_fn: LossFn, split: Split, *, dist: Dist = SINGLE, precision: str = "32"
+) -> tuple[float, float | None]:
     """(average loss, accuracy) over `split`; accuracy is None for regression. Each rank evaluates its shard."""
     model.eval()
     x_all, y_all = dist.shard(split.x), dist.shard(split.y)
@@ -181,8 +261,9 @@ def evaluate(model: nn.Module, loss_fn: LossFn, split: Split, *, dist: Dist = SI
     classify = split.y.dtype == torch.long
     for start in range(0, len(x_all), EVAL_BATCH):
         x, y = x_all[start : start + EVAL_BATCH], y_all[start : start + EVAL_BATCH]
-        out = model(x)
-        sums[0] += _sample_sum(loss_fn(out, y), len(x), loss_fn.reduction)
+        with autocast(precision, split.x.device.type):
+            out = model(x)
+            sums[0] += _sample_sum(loss_fn(out, y), len(x), loss_fn.reduction)
         if classify:
             sums[1] += (out.argmax(dim=1) == y).sum()
     total, correct = dist.all_reduce_sum(sums).tolist()
@@ -202,9 +283,11 @@ def fit(
     train_model: nn.Module | None = None,
     dist: Dist = SINGLE,
     callbacks: Sequence[EpochCallback] = (),
+    scaler: torch.amp.GradScaler | None = None,
 ) -> History:
-    """Train from the epoch after the last one in `history` to cfg.train.epochs. `train_model` is the module
-    run forward in training (a DDP or torch.compile wrapper of `model`), `model` the one evaluated and saved."""
+    """Train from the epoch after the last one in `history` to cfg.train.epochs, or until early stopping ends it.
+    `train_model` is the module run forward in training (a DDP or torch.compile wrapper of `model`), `model` the
+    one evaluated and saved; `scaler` the run's GradScaler when its state is checkpointed (one is made otherwise)."""
     history = history or History()
     train_model = train_model or model
     loss_fn = make_loss(cfg, dist)
@@ -212,7 +295,13 @@ def fit(
     per_step = scheduler is not None and scheduler_interval(cfg.scheduler) == "step"
     closure = needs_closure(optimizer)
     epoch_steps = steps_per_epoch(len(data.train), cfg.data.batch_size, 1 if closure else cfg.train.accumulate)
+    precision = cfg.train.precision
+    scaler = scaler or grad_scaler(precision, device)
+    rule = cfg.train.early_stopping
+    stop = early_stop(history, rule) if rule else None  # a resumed run that had stopped early stays stopped
     for epoch in range(len(history.epochs) + 1, cfg.train.epochs + 1):
+        if stop is not None:
+            break
         t0 = time.perf_counter()
         lr = current_lr(optimizer)
         previous = history.epochs[-1] if history.epochs else None
@@ -231,13 +320,17 @@ def fit(
             dist=dist,
             reduction=cfg.train.reduction,
             step_scheduler=scheduler.step if per_step else None,
+            precision=precision,
+            scaler=scaler,
         )
         set_mode(optimizer, training=False)  # before evaluation and before the checkpoint (on_epoch)
         finite = torch.isfinite(losses)
         bad_step = None if bool(finite.all()) else int((~finite).nonzero()[0]) + 1
         train_end = time.perf_counter()  # after the host sync above, so queued device work is counted
         val_loss, val_acc = (
-            evaluate(model, loss_fn, data.val, dist=dist) if data.val is not None and bad_step is None else (None, None)
+            evaluate(model, loss_fn, data.val, dist=dist, precision=precision)
+            if data.val is not None and bad_step is None
+            else (None, None)
         )
         train_loss = losses.sum().item() / len(data.train)
         if bad_step is None and val_loss is not None and not math.isfinite(val_loss):
@@ -261,11 +354,15 @@ def fit(
         history.epochs.append(metrics)
         if bad_step is not None:
             history.status, history.diverged_at = "diverged", {"epoch": epoch, "step": bad_step}
+        stop = early_stop(history, rule) if rule and bad_step is None else None
+        if stop is not None:
+            history.status, history.stopped_early = "stopped_early", stop
         if on_epoch is not None:
             on_epoch(history)
         if history.status == "diverged":
             return history
-    history.status = "completed"
+    history.status = "completed" if stop is None else "stopped_early"
+    history.stopped_early = stop
     if data.test is not None:
-        history.test_loss, history.test_accuracy = evaluate(model, loss_fn, data.test, dist=dist)
+        history.test_loss, history.test_accuracy = evaluate(model, loss_fn, data.test, dist=dist, precision=precision)
     return history

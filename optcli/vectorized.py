@@ -81,6 +81,10 @@ def stacking_refusal(cfg: Config, spec: OptimizerSpec, device: torch.device) -> 
         scheduler_classes().get(cfg.scheduler.name.lower(), object), torch.optim.lr_scheduler.ReduceLROnPlateau
     ):
         return "a metric-driven scheduler (ReduceLROnPlateau) needs each seed's own metric"
+    if cfg.train.early_stopping is not None:
+        return "train.early_stopping ends each seed at its own epoch"
+    if cfg.train.precision != "32":
+        return f"train.precision {cfg.train.precision} rounds the stacked matmuls differently from the plain ones"
     if cfg.model.dropout > 0 and device.type != "cpu":
         return f"dropout masks on {device.type} come from one global generator, not one per seed"
     return None

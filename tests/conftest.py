@@ -19,9 +19,13 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
-def cli(*args: str):
-    """Run optcli as a user would, on a wide terminal so that table cells are not wrapped."""
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "250"})
+def cli(*args: str, width: int = 250):
+    """Run optcli as a user would, on a wide terminal (unless `width` says otherwise) so cells are not wrapped.
+    Rich reads COLUMNS once, when a console is made; the consoles live as long as the process, so set them too."""
+    from optcli.report.console import console, err_console
+
+    console.width = err_console.width = width
+    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": str(width)})
 
 
 def assert_user_error(result, fragment: str, tmp_path: Path) -> None:

@@ -167,6 +167,8 @@ def test_a_seed_that_diverges_first_is_retired_and_the_rest_match():
         ("adam", ["train.grad_clip=1.0"], "grad_clip"),
         ("adam", ["model.batch_norm=true"], "batch_norm"),
         ("adam", ["scheduler={name: reducelronplateau}"], "ReduceLROnPlateau"),
+        ("adam", ["train.early_stopping={metric: train_loss, patience: 1}"], "early_stopping"),
+        ("adam", ["train.precision=bf16"], "precision"),
     ],
 )
 def test_where_stacking_would_change_the_result_the_plain_path_runs(spec, sets, reason):

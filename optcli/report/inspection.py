@@ -1,7 +1,6 @@
 """inspect-params on the terminal: one function per table, and print_inspection to show them in order.
 
-Names and numbers never break mid-word: columns holding them do not wrap (overflow "ellipsis" only as a last
-resort), and the free-text columns (hyperparameters, descriptions) are the ones that fold."""
+Names and numbers never break mid-word (report/layout.py): only free-text columns wrap, at spaces."""
 
 from __future__ import annotations
 
@@ -9,123 +8,109 @@ from rich.table import Table
 
 from optcli.report.console import console
 from optcli.report.format import fmt
+from optcli.report.layout import Col, fitted_table
 
 
 def _shape(shape: list[int]) -> str:
     return "×".join(map(str, shape)) or "scalar"
 
 
-def _table(title: str, *columns: tuple[str, str]) -> Table:
-    """Columns as (header, kind): "name"/"num" cells stay whole on one line; "text" cells wrap at spaces."""
-    table = Table(title=title)
-    for header, kind in columns:
-        if kind == "text":
-            table.add_column(header, overflow="fold", ratio=1)
-        else:
-            table.add_column(header, justify="right" if kind == "num" else "left", no_wrap=True, overflow="ellipsis")
-    return table
-
-
 def params_table(r) -> Table:
-    t = _table(
-        f"Parameters ({r.source})",
-        ("name", "name"),
-        ("shape", "name"),
-        ("numel", "num"),
-        ("dtype", "name"),
-        ("grad", "name"),
-        ("mean", "num"),
-        ("std", "num"),
-        ("min", "num"),
-        ("max", "num"),
-    )
-    for p in r.params:
-        t.add_row(
+    cols = [
+        Col("name", "name", 1000),
+        Col("shape", "name", 900),
+        Col("numel", "num", 800),
+        Col("dtype", "name", 300),
+        Col("device", "name", 250),
+        Col("grad", "name", 950),
+    ]
+    cols += [Col(k, "num", p) for k, p in (("mean", 700), ("std", 600), ("min", 400), ("max", 400))]
+    rows = [
+        [
             p["name"],
             _shape(p["shape"]),
             f"{p['numel']:,}",
-            f"{p['dtype']} {p['device']}",
+            p["dtype"],
+            p["device"],
             "[green]trainable[/]" if p["requires_grad"] else "[yellow]frozen[/]",
             *(fmt(p[k], 3) for k in ("mean", "std", "min", "max")),
-        )
-    t.caption = "grad: requires_grad is True (trainable) or False (frozen)"
-    return t
+        ]
+        for p in r.params
+    ]
+    table = fitted_table(f"Parameters ({r.source})", cols, rows)
+    note = "grad: requires_grad True (trainable) or False (frozen)"
+    table.caption = f"{note}; {table.caption}" if table.caption else note
+    return table
 
 
 def state_dict_table(r) -> Table:
-    t = _table(
-        "state_dict: what model.state_dict() saves",
-        ("key", "name"),
-        ("kind", "name"),
-        ("shape", "name"),
-        ("dtype", "name"),
-    )
-    for e in r.state_dict:
-        t.add_row(
-            e["key"], e["kind"] if e["kind"] == "parameter" else f"[cyan]{e['kind']}[/]", _shape(e["shape"]), e["dtype"]
-        )
-    return t
+    cols = [Col("key", "name", 1000), Col("kind", "name", 900), Col("shape", "name", 800), Col("dtype", "name", 700)]
+    rows = [
+        [e["key"], e["kind"] if e["kind"] == "parameter" else f"[cyan]{e['kind']}[/]", _shape(e["shape"]), e["dtype"]]
+        for e in r.state_dict
+    ]
+    return fitted_table("state_dict: what model.state_dict() saves", cols, rows)
 
 
 def groups_table(r) -> Table:
-    t = _table(
-        f"{r.optimizer}: param_groups", ("group", "num"), ("hyperparameters", "text"), ("parameters held", "text")
-    )
-    for g in r.groups:
-        t.add_row(
+    cols = [Col("group", "num", 1000), Col("hyperparameters", "text", 900), Col("parameters held", "text", 800)]
+    rows = [
+        [
             str(g["index"]),
             ", ".join(f"{k}={v}" for k, v in g["hyperparameters"].items()),
             ", ".join(g["params"]) + f" ({g['numel']:,} elements)",
-        )
-    return t
+        ]
+        for g in r.groups
+    ]
+    return fitted_table(f"{r.optimizer}: param_groups", cols, rows)
 
 
 def optimizer_state_table(r) -> Table:
-    t = _table(
-        f"{r.optimizer}: per-parameter state (optimizer.state)",
-        ("parameter", "name"),
-        ("key", "name"),
-        ("shape", "name"),
-        ("norm / value", "num"),
-    )
-    for s in r.optimizer_state:
-        t.add_row(
-            s["param"], s["key"], _shape(s["shape"]), fmt(s["norm"]) if s["norm"] is not None else fmt(s["value"])
-        )
-    return t
+    cols = [
+        Col("parameter", "name", 1000),
+        Col("key", "name", 900),
+        Col("shape", "name", 700),
+        Col("norm / value", "num", 800),
+    ]
+    rows = [
+        [s["param"], s["key"], _shape(s["shape"]), fmt(s["norm"]) if s["norm"] is not None else fmt(s["value"])]
+        for s in r.optimizer_state
+    ]
+    return fitted_table(f"{r.optimizer}: per-parameter state (optimizer.state)", cols, rows)
 
 
 def modes_table(r) -> Table:
-    t = _table(
-        "Modules that behave differently under train() and eval()",
-        ("module", "name"),
-        ("type", "name"),
-        ("training", "name"),
-        ("in train()", "text"),
-        ("in eval()", "text"),
-    )
-    for m in r.modes["modules"]:
-        t.add_row(m["name"], m["type"], str(m["training"]), m["train"], m["eval"])
-    return t
+    cols = [
+        Col("module", "name", 1000),
+        Col("type", "name", 900),
+        Col("training", "name", 800),
+        Col("in train()", "text", 700),
+        Col("in eval()", "text", 700),
+    ]
+    rows = [[m["name"], m["type"], str(m["training"]), m["train"], m["eval"]] for m in r.modes["modules"]]
+    return fitted_table("Modules that behave differently under train() and eval()", cols, rows)
 
 
 def step_table(r) -> Table:
     s = r.step
-    t = _table(
-        f"One step on a batch of {s['batch_size']} (loss {fmt(s['loss'])}): backward() then step()",
-        ("parameter", "name"),
-        ("grad norm", "num"),
-        ("update norm", "num"),
-        ("changed", "name"),
-    )
-    for p in s["params"]:
-        t.add_row(
+    cols = [
+        Col("parameter", "name", 1000),
+        Col("grad norm", "num", 900),
+        Col("update norm", "num", 800),
+        Col("changed", "name", 700),
+    ]
+    rows = [
+        [
             p["name"],
             fmt(p["grad_norm"]) if p["requires_grad"] else "[yellow]None (frozen)[/]",
             fmt(p["update_norm"]),
             "yes" if p["changed"] else "no",
-        )
-    return t
+        ]
+        for p in s["params"]
+    ]
+    return fitted_table(
+        f"One step on a batch of {s['batch_size']} (loss {fmt(s['loss'])}): backward() then step()", cols, rows
+    )
 
 
 def linkage_lines(r) -> list[str]:

@@ -157,7 +157,8 @@ def save_dynamics_plot(c, path) -> None:
             ax.set_title(f"{layer}: {title}", fontsize=9)
             ax.set_xlabel("epoch")
             ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    if axes[0][0].get_legend_handles_labels()[0]:  # nothing drawn when every trial had no dynamics
+        axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
 

@@ -11,11 +11,11 @@ from optcli.report.format import fmt
 def progress_bar(transient: bool = False) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=20),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),  # last: on a narrow terminal the free text is cut, not the numbers
         console=err_console,
         transient=transient,
     )

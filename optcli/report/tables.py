@@ -8,6 +8,7 @@ from rich.table import Table
 
 from optcli.report.console import console
 from optcli.report.format import fmt, mean_pm, nbytes, pct, sparkline
+from optcli.report.layout import Col, fitted_table
 
 
 def epochs_table(history, every: int = 0, title: str = "Per-epoch metrics") -> Table:
@@ -37,8 +38,16 @@ def epochs_table(history, every: int = 0, title: str = "Per-epoch metrics") -> T
 def print_train_result(result, every: int = 0) -> None:
     h, s = result.history, result.summary
     console.print(epochs_table(h, every))
-    status = {"completed": "[green]completed", "diverged": "[red]diverged", "interrupted": "[yellow]interrupted"}
+    status = {
+        "completed": "[green]completed",
+        "stopped_early": "[green]stopped early",
+        "diverged": "[red]diverged",
+        "interrupted": "[yellow]interrupted",
+    }
     line = f"{status.get(h.status, h.status)}[/]: {s['epochs_completed']}/{s['epochs_planned']} epochs"
+    if h.stopped_early:
+        stop = h.stopped_early
+        line += f" (no {stop['metric']} improvement since epoch {stop['best_epoch']})"
     if h.diverged_at:
         line += f", non-finite loss at epoch {h.diverged_at['epoch']} step {h.diverged_at['step']}"
     if s["best"]:
@@ -76,55 +85,58 @@ def optimizers_table(rows: list[dict]) -> Table:
 
 def comparison_table(c) -> Table:
     classify = c.task == "classification"
-    metrics = [("final_train_loss", "final train loss", True, False), ("best_val_loss", "best val loss", True, False)]
+    # (key, header, lower is better, as a percentage, priority when the terminal is narrow)
+    metrics = [
+        ("final_train_loss", "final train loss", True, False, 600),
+        ("best_val_loss", "best val loss", True, False, 800),
+    ]
     if classify:
-        metrics += [("val_accuracy", "val acc", False, True), ("test_accuracy", "test acc", False, True)]
+        metrics += [("val_accuracy", "val acc", False, True, 700), ("test_accuracy", "test acc", False, True, 650)]
     if c.task == "function":
-        metrics += [("final_value", "final f(x, y)", True, False), ("distance_to_min", "distance to min", True, False)]
+        metrics += [
+            ("final_value", "final f(x, y)", True, False, 750),
+            ("distance_to_min", "distance to min", True, False, 700),
+        ]
     metrics = [m for m in metrics if any(r.get(m[0]) is not None for r in c.rows)]
-    table = Table(title=f"Optimizers over {len(c.seeds)} seed(s) {c.seeds}, {c.epochs} epochs (mean ± std)")
-    table.add_column("optimizer")
-    table.add_column("hyperparameters")
-    for _, title, _, _ in metrics:
-        table.add_column(title, justify="right")
+    cols = [Col("optimizer", "name", 1000), Col("hyperparameters", "text", 500)]
+    cols += [Col(header, "num", priority) for _, header, _, _, priority in metrics]
     floor = getattr(c, "loss_floor", None)
-    if floor is not None and any(r.get("excess_val_loss") is not None for r in c.rows):
-        table.add_column(f"excess val loss (floor {fmt(floor)})", justify="right")
+    has_excess = floor is not None and any(r.get("excess_val_loss") is not None for r in c.rows)
+    if has_excess:
+        cols.append(Col(f"excess val loss (floor {fmt(floor)})", "num", 550))
     target = getattr(c, "target", None)
     if target:
-        table.add_column(f"to {target['metric']} {'>=' if target['higher_is_better'] else '<='} {target['value']:g}")
-    table.add_column("epochs to best", justify="right")
-    table.add_column("s/epoch", justify="right")
+        relation = ">=" if target["higher_is_better"] else "<="
+        cols.append(Col(f"to {target['metric']} {relation} {target['value']:g}", "text", 850))
+    cols += [Col("epochs to best", "num", 300), Col("s/epoch", "num", 200)]
     has_state = any(r.get("state_bytes") is not None for r in c.rows)
     if has_state:
-        table.add_column("optimizer state", justify="right")
-    table.add_column("status")
+        cols.append(Col("optimizer state", "num", 250))
+    cols.append(Col("status", "text", 900))
     best = {}
-    for key, _, lower, _ in metrics:
+    for key, _, lower, _, _ in metrics:
         done = [r for r in c.rows if r.get(key) is not None]
         if done:
             best[key] = (min if lower else max)(done, key=lambda r: r[key])["label"]
+    rows = []
     for r in c.rows:
         cells = [r["label"], ", ".join(f"{k}={v}" for k, v in r["hyperparameters"].items()) or "defaults"]
-        for key, _, _, as_pct in metrics:
+        for key, _, _, as_pct, _ in metrics:
             text = mean_pm(r.get(key), r.get(key + "_std"), as_pct)
             cells.append(f"[bold green]{text}[/]" if best.get(key) == r["label"] else text)
-        if floor is not None and any(r.get("excess_val_loss") is not None for r in c.rows):
-            cells.append(fmt(r.get("excess_val_loss")))
-        if target:
-            cells.append(target_cell(r, len(c.seeds)))
+        cells += [fmt(r.get("excess_val_loss"))] if has_excess else []
+        cells += [target_cell(r, len(c.seeds))] if target else []
         cells += [mean_pm(r["epochs_to_best"], r["epochs_to_best_std"]), fmt(r["seconds_per_epoch"], 3)]
         cells += [nbytes(r.get("state_bytes"))] if has_state else []
-        status = (
-            r["status"]
-            if not r["diverged_at"]
-            else r["status"] + " (" + ", ".join(f"seed {d['seed']} epoch {d['epoch']}" for d in r["diverged_at"]) + ")"
-        )
+        status = r["status"]
+        if r["diverged_at"]:
+            status += " (" + ", ".join(f"seed {d['seed']} epoch {d['epoch']}" for d in r["diverged_at"]) + ")"
         failed = r.get("failed") or []
         status += "".join(f" (seed {f['seed']} failed: {f['error']})" for f in failed)
         cells.append(f"[red]{status}[/]" if r["diverged_at"] or failed else status)
-        table.add_row(*cells)
-    return table
+        rows.append(cells)
+    title = f"Optimizers over {len(c.seeds)} seed(s) {c.seeds}, {c.epochs} epochs (mean ± std)"
+    return fitted_table(title, cols, rows)
 
 
 def target_cell(r: dict, n: int) -> str:
