@@ -104,6 +104,7 @@ def _time_epochs(cfg, epochs: int) -> list[float]:
             data.train,
             batch_size=BATCH,
             perm=epoch_permutation(len(data.train), 0, epoch, device),
+            precision=cfg.train.precision,
         )
         losses.sum().item()  # the one host sync of the epoch
         times.append(time.perf_counter() - t0)
@@ -319,6 +320,19 @@ def epoch_section(data_root: str, args, isa: str) -> None:
         )
 
 
+def precision_section(data_root: str, args) -> None:
+    print(f"\nMNIST epoch by train.precision (no target: bf16 is for GPUs; median of {args.epochs})")
+    base = None
+    for precision in ("32", "bf16"):
+        times = time_optcli_epochs(data_root, args.epochs, f"train.precision={precision}")
+        median = statistics.median(times)
+        base = base or median
+        print(
+            f"  {precision:>4}: median {median:.3f} s  ({median / base:.2f}x float32; "
+            f"each: {', '.join(f'{t:.3f}' for t in times)})"
+        )
+
+
 def cli_section() -> None:
     print("\n2. CLI start (median of 7)")
     for cmd in (["--help"], ["compare", "--help"]):
@@ -478,7 +492,7 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="also time train.compile=true")
     parser.add_argument(
         "--only",
-        choices=["epoch", "cli", "compare", "memory", "vectorize", "backends", "startup"],
+        choices=["epoch", "precision", "cli", "compare", "memory", "vectorize", "backends", "startup"],
         action="append",
         help="run only these sections (repeatable); all by default",
     )
@@ -494,6 +508,8 @@ def main() -> int:
     run = lambda section: not args.only or section in args.only  # noqa: E731
     if run("epoch"):
         epoch_sections(data_root, args)
+    if run("precision"):
+        precision_section(data_root, args)
     if run("cli"):
         cli_section()
     if run("compare"):
