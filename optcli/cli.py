@@ -172,11 +172,12 @@ def compare(
     seeds: int = typer.Option(
         3, "--seeds", metavar="K", help="Repeat every run for this many seeds (config seed, +1, ...)."
     ),
-    target: str | None = typer.Option(
+    target: list[str] | None = typer.Option(
         None,
         "--target",
         metavar="METRIC=VALUE",
-        help="Time to target: epochs, optimizer steps and seconds until e.g. val_accuracy=0.97 or val_loss=0.1.",
+        help="Time to target: epochs, optimizer steps and seconds until e.g. val_accuracy=0.97 or val_loss=0.1 "
+        "(once for every task, or once per --config).",
     ),
     tune: bool = typer.Option(
         False, "--tune", help="Tune each optimizer's hyperparameters first: equal budget, quasi-random, on validation."

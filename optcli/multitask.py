@@ -1,8 +1,9 @@
 """One comparison over several tasks: the same optimizer specs on each task (one config each), each task's own
 comparison, and a performance profile across the tasks (profile.py).
 
-The per-task measure is the optimizer's steps to the task's target when the task has one (AlgoPerf's
-time-to-target, in optimizer steps: infinite when not reached). Without targets it is the best validation loss
+The per-task measure is the optimizer's steps to the task's target when the task has one (--target, once for
+every task or once per --config): AlgoPerf's time to target, in optimizer steps, mean over seeds, infinite when
+a seed did not reach it. Without a target it is the best validation loss
 (the final training loss without a validation split), mean over seeds: a loss is >= 0 with 0 a perfect fit, so
 its ratio to the best optimizer's loss on the same task is scale-free ("within a factor tau of the best loss"
 means the same on a task whose losses are near 0.05 as on one near 20), where a difference would not be. It
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from optcli.compare import Comparison, parse_specs, run_comparison
+from optcli.compare import Comparison, check_target, parse_specs, run_comparison
 from optcli.config import Config
 from optcli.errors import UserError
 from optcli.model import check_model_config
@@ -28,6 +29,8 @@ from optcli.profile import TAUS, curve, profile
 from optcli.runs import create_run_dir, write_json
 
 MEASURE_WHY = {
+    "target_steps": "optimizer steps to the task's target, mean over seeds, infinite when a seed missed it "
+    "(AlgoPerf's time to target): a count of steps has a true zero, so its ratio to the task's fastest is scale-free",
     "best_val_loss": "best validation loss, mean over seeds: losses are >= 0 with 0 a perfect fit, so a ratio "
     "to the task's best loss is scale-free across tasks (quality within the budget, not speed)",
     "final_train_loss": "final training loss, mean over seeds (no validation split): losses are >= 0 with 0 a "
@@ -62,12 +65,30 @@ class MultiTaskComparison:
 
 def task_measure(c: Comparison) -> tuple[str, dict[str, float]]:
     """The measure of each optimizer on one task, lower is better (module docstring)."""
-    key = "best_val_loss" if any(r["best_val_loss"] is not None for r in c.rows) else "final_train_loss"
+    if c.target is not None:
+        key = "target_steps"
+        missed = lambda r: r["target_reached"] < r["seeds"]  # noqa: E731
+    else:
+        key = "best_val_loss" if any(r["best_val_loss"] is not None for r in c.rows) else "final_train_loss"
+        missed = lambda r: r["completed"] < r["seeds"]  # noqa: E731
     values = {}
     for r in c.rows:
-        failed = r["completed"] < r["seeds"] or r[key] is None or not r[key] > 0
+        failed = missed(r) or r[key] is None or not r[key] > 0
         values[r["label"]] = math.inf if failed else float(r[key])
     return key, values
+
+
+def task_targets(targets: list[str] | None, n_tasks: int) -> list[str | None]:
+    """--target given once applies to every task; given once per --config, each to its own task, in order."""
+    if not targets:
+        return [None] * n_tasks
+    if len(targets) == 1:
+        return list(targets) * n_tasks
+    if len(targets) != n_tasks:
+        raise UserError(
+            f"--target: given {len(targets)} times for {n_tasks} task(s); give it once (every task) or once per --config"
+        )
+    return list(targets)
 
 
 def task_names(sources: list[str | None]) -> list[str]:
@@ -89,13 +110,16 @@ def run_compare(
     **options: Any,
 ) -> Comparison | MultiTaskComparison:
     """One task: today's comparison. Several: the same specs on each, then the profile across them."""
+    targets = task_targets(options.pop("target", None), len(cfgs))
     if len(cfgs) == 1:
-        return run_comparison(cfgs[0][1], spec_texts, **options)
+        return run_comparison(cfgs[0][1], spec_texts, target=targets[0], **options)
     started = time.perf_counter()
     parse_specs(spec_texts)  # every check that can be made before the first task trains
     names = task_names([source for source, _ in cfgs])
     tuning = options.get("tune") or options.get("tune_lr")
-    for name, (_, cfg) in zip(names, cfgs, strict=True):
+    for name, (_, cfg), target in zip(names, cfgs, targets, strict=True):
+        if target is not None:
+            check_target(cfg, target)
         check_model_config(cfg.model)
         check_scheduler(cfg.scheduler, cfg.train.epochs)
         if tuning and cfg.data.val_fraction == 0:
@@ -103,17 +127,17 @@ def run_compare(
     first = cfgs[0][1]
     parent = create_run_dir(first.out_dir, first.name, prefix="compare-tasks-")
     tasks = []
-    for name, (_, cfg) in zip(names, cfgs, strict=True):
+    for name, (_, cfg), target in zip(names, cfgs, targets, strict=True):
         if on_task:
             on_task(name)
         task_cfg = cfg.model_copy(update={"out_dir": str(parent), "name": name})
-        tasks.append((name, run_comparison(task_cfg, spec_texts, **options)))
+        tasks.append((name, run_comparison(task_cfg, spec_texts, target=target, **options)))
     keys, measures = set(), {}
     for name, c in tasks:
         key, measures[name] = task_measure(c)
         keys.add(key)
-    measure = "best_val_loss" if keys == {"best_val_loss"} else "best_val_loss or final_train_loss"
-    why = MEASURE_WHY["best_val_loss"] if measure == "best_val_loss" else " / ".join(MEASURE_WHY[k] for k in keys)
+    measure = " or ".join(k for k in MEASURE_WHY if k in keys)
+    why = " / ".join(MEASURE_WHY[k] for k in MEASURE_WHY if k in keys)
     result = MultiTaskComparison(tasks, measure, why, measures, profile=profile(measures), run_dir=str(parent))
     result.wall_seconds = time.perf_counter() - started
     write_json(parent / "summary.json", result.to_dict())

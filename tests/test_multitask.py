@@ -72,3 +72,29 @@ def test_a_bad_second_task_fails_before_the_first_trains(tmp_path, tiny_mnist):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {init: glorot}\n")
     assert_user_error(cli("compare", "sgd", "-c", reg, "-c", bad), "model.init: unknown scheme 'glorot'", tmp_path)
+
+
+def test_per_task_targets_make_steps_to_target_the_measure(tmp_path, tiny_mnist):
+    reg, digits = _configs(tmp_path, tiny_mnist)
+    # reg: a target every epoch meets (finite steps); digits: one no epoch meets (infinite for everyone)
+    args = ["sgd:lr=1e-4", "adam:lr=1e-3", "-c", reg, "-c", digits, "--seeds", "2", "--json"]
+    result = cli("compare", *args, "--target", "val_loss=1e9", "--target", "val_loss=1e-12")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["measure"] == "target_steps" and "AlgoPerf" in out["measure_why"]
+    reg_rows = {r["label"]: r for r in out["tasks"][0]["rows"]}
+    for label, steps in out["measures"]["reg"].items():
+        assert reg_rows[label]["target_reached"] == 2 and steps == reg_rows[label]["target_steps"] > 0
+    assert set(out["measures"]["digits"].values()) == {None}  # not reached: infinite, null in JSON
+    assert all(rho[-1] == 0.5 for rho in out["profile"].values())  # within any tau on reg only
+
+
+def test_targets_must_be_one_or_one_per_task(tmp_path, tiny_mnist):
+    reg, digits = _configs(tmp_path, tiny_mnist)
+    three = ["--target", "val_loss=1", "--target", "val_loss=2", "--target", "val_loss=3"]
+    assert_user_error(cli("compare", "sgd", "-c", reg, "-c", digits, *three), "once per --config", tmp_path)
+    assert_user_error(
+        cli("compare", "sgd", "-c", reg, "-c", digits, "--target", "val_accuracy=0.5", "--target", "val_accuracy=0.5"),
+        "val_accuracy",
+        tmp_path,
+    )
