@@ -190,6 +190,12 @@ def compare(
         metavar="URL",
         help="Optuna storage shared by machines: a database URL or a journal file (default: in the run directory).",
     ),
+    tune_centre: str = typer.Option(
+        "spec",
+        "--tune-centre",
+        metavar="spec|lr-find",
+        help="Centre each lr range on the spec's lr (or default), or on lr-find's suggestion (its steps counted).",
+    ),
     jobs: int = typer.Option(1, "--jobs", "-j", metavar="N", help="Run trials in this many processes."),
     threads: int | None = typer.Option(
         None, "--threads", metavar="N", help="torch threads per trial (default: cores, or cores // jobs)."
@@ -235,6 +241,7 @@ def compare(
             tune_lr=tune_lr,
             tune_budget=tune_budget,
             tune_storage=tune_storage,
+            tune_centre=tune_centre,
             jobs=jobs,
             threads=threads,
             vectorize=vectorize,

@@ -58,7 +58,7 @@ from optcli.trials import (
     TrialsInterrupted,
     threads_per_job,
 )
-from optcli.tuning import check_overrides, search_space, tuning_rows
+from optcli.tuning import check_overrides, lr_find_centres, search_space, tuning_rows
 from optcli.tuning import tune as run_tuning
 
 # (key, label, lower is better)
@@ -279,6 +279,7 @@ def run_comparison(
     tune_lr: bool = False,
     tune_budget: int = 5,
     tune_storage: str | None = None,
+    tune_centre: str = "spec",
     jobs: int = 1,
     threads: int | None = None,
     vectorize: bool = False,
@@ -291,7 +292,8 @@ def run_comparison(
     count per trial (default: all cores serially, cores // jobs in parallel); with equal thread counts serial and
     parallel runs give bit-identical results, since torch splits parallel sums by thread. `vectorize` stacks the
     seeds of each optimizer into one model where that is exact (vectorized.py); backend "ray" runs every trial as
-    a Ray task (trials.RayRunner)."""
+    a Ray task (trials.RayRunner). `tune_centre` "lr-find" centres each optimizer's lr range on its lr-find
+    suggestion (tuning.lr_find_centres)."""
     started = time.perf_counter()
     for flag, value in (("--seeds", seeds), ("--tune-budget", tune_budget), ("--jobs", jobs), ("--threads", threads)):
         if value is not None and value < 1:
@@ -310,6 +312,10 @@ def run_comparison(
         raise UserError(f"{flag}: needs a validation split; set data.val_fraction > 0")
     if tune_storage is not None and not tuning_on:
         raise UserError("--tune-storage: only with --tune or --tune-lr")
+    if tune_centre not in ("spec", "lr-find"):
+        raise UserError(f"--tune-centre: must be spec or lr-find (got {tune_centre!r})")
+    if tune_centre == "lr-find" and not tuning_on:
+        raise UserError("--tune-centre lr-find: only with --tune or --tune-lr")
     if tuning_on:  # the whole space or the lr alone, checked before any training
         for spec in specs:
             search_space(spec, overrides=cfg.tuning.spaces, lr_only=not tune)
@@ -348,6 +354,7 @@ def run_comparison(
                         run_dir=run_dir,
                         overrides=cfg.tuning.spaces,
                         lr_only=not tune,
+                        lr_find=lr_find_centres(cfg, specs, seed=seed_list[0]) if tune_centre == "lr-find" else None,
                     )
                     if tuning_on
                     else (None, [])

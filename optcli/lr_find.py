@@ -139,7 +139,16 @@ def lr_find(
     device = resolve_device(cfg.device)
     started = time.perf_counter()
     with torch_settings(cfg):
-        result = _range_test(cfg, data or load_data(cfg.data, device), min_lr, max_lr, steps, beta, diverge, rule)
+        result = range_test(
+            cfg,
+            data or load_data(cfg.data, device),
+            min_lr=min_lr,
+            max_lr=max_lr,
+            steps=steps,
+            beta=beta,
+            diverge=diverge,
+            rule=rule,
+        )
     result.seconds = time.perf_counter() - started
     if plot is not None:
         from optcli.report.plots import save_lr_find_plot  # matplotlib only when a plot is asked for
@@ -149,9 +158,18 @@ def lr_find(
     return result
 
 
-def _range_test(
-    cfg: Config, data: Data, min_lr: float, max_lr: float, steps: int, beta: float, diverge: float, rule: str
+def range_test(
+    cfg: Config,
+    data: Data,
+    *,
+    min_lr: float = 1e-7,
+    max_lr: float = 10.0,
+    steps: int = 100,
+    beta: float = 0.9,
+    diverge: float = 4.0,
+    rule: str = "steepest",
 ) -> LrFindResult:
+    """The range test itself, under the caller's torch settings (lr_find, and compare --tune-centre lr-find)."""
     cfg = cfg.model_copy(update={"scheduler": None})
     model, optimizer, _ = build_model_and_optimizer(cfg, data, data.train.x.device)
     seed_torch(cfg.seed)

@@ -83,12 +83,13 @@ def task_targets(targets: list[str] | None, n_tasks: int) -> list[str | None]:
     if not targets:
         return [None] * n_tasks
     if len(targets) == 1:
-        return list(targets) * n_tasks
+        return [targets[0]] * n_tasks
     if len(targets) != n_tasks:
         raise UserError(
-            f"--target: given {len(targets)} times for {n_tasks} task(s); give it once (every task) or once per --config"
+            f"--target: given {len(targets)} times for {n_tasks} task(s); "
+            "give it once (every task) or once per --config"
         )
-    return list(targets)
+    return [*targets]
 
 
 def task_names(sources: list[str | None]) -> list[str]:

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
 
+from optcli.config import Config, optimizer_config
 from optcli.errors import UserError
 from optcli.optim import resolve_optimizer, signature_defaults
 from optcli.train import History
@@ -189,6 +190,36 @@ def study_name(spec: OptimizerSpec, space: list[Dimension], *, budget: int, seed
     return f"{spec.label}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
+LR_FIND_STEPS = 100  # the range test's steps for --tune-centre lr-find, the same for every optimizer
+
+
+def lr_find_centres(cfg: Config, specs: list[OptimizerSpec], *, seed: int) -> dict[str, dict]:
+    """Each spec's lr-find suggestion on the tuning seed, to centre its lr range on (--tune-centre lr-find). Every
+    optimizer's range test gets the same LR_FIND_STEPS, counted in its tuning cost; a test that suggests nothing
+    leaves the spec's own centre."""
+    from optcli.lr_find import range_test
+    from optcli.model import resolve_device
+    from optcli.tasks import load_data
+
+    seeded = cfg.model_copy(update={"seed": seed, "scheduler": None})
+    data = load_data(seeded.data, resolve_device(cfg.device))
+    out = {}
+    for spec in specs:
+        kwargs = {k: v for k, v in spec.kwargs.items() if k != "lr"}
+        run_cfg = seeded.model_copy(
+            update={"optimizer": optimizer_config(spec.name, kwargs, f"optimizer {spec.label}")}
+        )
+        result = range_test(run_cfg, data, steps=LR_FIND_STEPS)
+        out[spec.label] = {
+            "suggestion": result.suggestion,
+            "rule": result.rule,
+            "steps": LR_FIND_STEPS,  # the allotment, counted whether or not the test stopped early
+            "steps_run": len(result.losses),  # steps with a finite loss
+            "stopped": result.stopped,
+        }
+    return out
+
+
 def _score(history: History) -> float:
     best = history.best()
     if history.status == "diverged" or best is None or best.val_loss is None:
@@ -207,7 +238,7 @@ def tune(
     run_dir: Path | None = None,
     overrides: dict[str, Any] | None = None,
     lr_only: bool = False,
-    lr_centres: dict[str, float] | None = None,
+    lr_find: dict[str, dict] | None = None,
 ) -> tuple[dict, list[History]]:
     """Tune every spec with the same budget; on return each spec's kwargs hold its winning setting.
     Returns the tuning record (space, every trial, winner, edge flags) and the histories of the trials run here."""
@@ -217,9 +248,9 @@ def tune(
         raise UserError("--tune needs optcli[tune]: pip install 'optcli[tune]'") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     check_overrides(specs, overrides or {})
+    centres = {label: found["suggestion"] for label, found in (lr_find or {}).items()}
     spaces = {
-        s.label: search_space(s, overrides=overrides, lr_only=lr_only, lr_centre=(lr_centres or {}).get(s.label))
-        for s in specs
+        s.label: search_space(s, overrides=overrides, lr_only=lr_only, lr_centre=centres.get(s.label)) for s in specs
     }
     storage = open_storage(storage_url, run_dir)
     studies, asked = {}, []
@@ -260,10 +291,18 @@ def tune(
         "selected_by": "best validation loss",
         "storage": storage_url or str(Path(run_dir or ".") / "tuning.journal"),
         "lr_only": lr_only,
+        "lr_centre": "lr-find" if lr_find else "spec",
         "optimizers": {},
     }
     for spec in specs:
-        record["optimizers"][spec.label] = _settle(spec, studies[spec.label], spaces[spec.label], budget)
+        settled = _settle(spec, studies[spec.label], spaces[spec.label], budget)
+        mine = [h for (s, _), h in zip(asked, histories, strict=True) if s.label == spec.label]
+        found = (lr_find or {}).get(spec.label)
+        # the optimizer steps this machine spent tuning it: every trial's, plus its range test's allotment
+        settled["cost_steps"] = sum(h.epochs[-1].steps for h in mine if h.epochs) + (found["steps"] if found else 0)
+        if found:
+            settled["lr_find"] = found
+        record["optimizers"][spec.label] = settled
     return record, histories
 
 
