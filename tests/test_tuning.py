@@ -120,3 +120,26 @@ def test_tuning_needs_a_validation_split_and_a_storage_needs_tuning(tmp_path):
     )
     result = cli("compare", "adam", "--tune", "--set", "data.val_fraction=0.25", "--tune-storage", "nodir/x.journal")
     assert result.exit_code == 2 and "expected a journal file in an existing folder" in result.output
+
+
+def test_tune_centre_lr_find_centres_each_lr_range_on_the_range_test_and_counts_its_steps(tmp_path):
+    assert_user_error(cli("compare", "adam", "--tune-centre", "lr-find"), "only with --tune", tmp_path)
+    assert_user_error(cli("compare", "adam", "--tune-lr", "--tune-centre", "middle"), "--tune-centre", tmp_path)
+    small = ["--set", "train.epochs=2", "--set", "data.samples=200", "--seeds", "1"]
+    result = cli(
+        "compare", "sgd", "adam", "--tune-lr", "--tune-budget", "2", "--tune-centre", "lr-find", *small, "--json"
+    )
+    assert result.exit_code == 0, result.output
+    tuning = json.loads(result.stdout)["tuning"]
+    assert tuning["lr_centre"] == "lr-find"
+    for label, name in (("sgd", "sgd"), ("adam", "adam")):
+        t = tuning["optimizers"][label]
+        # the same suggestion as the standalone range test on the same task and seed
+        alone = cli("lr-find", "--optimizer", name, "--set", "data.samples=200", "--json")
+        assert alone.exit_code == 0, alone.output
+        suggestion = json.loads(alone.stdout)["suggestion"]
+        assert t["lr_find"]["suggestion"] == pytest.approx(suggestion, rel=1e-12)
+        (lr,) = [d for d in t["space"] if d["name"] == "lr"]
+        assert math.sqrt(lr["low"] * lr["high"]) == pytest.approx(suggestion)  # the log-centre of the range
+        steps_per_trial = 2 * math.ceil(160 / 64)  # 2 epochs of 160 training samples in batches of 64
+        assert t["cost_steps"] == 2 * steps_per_trial + t["lr_find"]["steps"] == 2 * steps_per_trial + 100

@@ -27,7 +27,7 @@ def _save(fig, path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _margins(fig, *, left=0.8, right=0.25, top=0.45, bottom=0.55, wspace=0.3, hspace=0.55) -> None:
+def _margins(fig, *, left=1.0, right=0.25, top=0.45, bottom=0.55, wspace=0.3, hspace=0.55) -> None:
     """Fixed margins in inches instead of tight_layout, which measures every tick label of the log axes: 0.6 s of
     the 1.4 s dynamics.png took, on the plots every comparison writes."""
     width, height = fig.get_size_inches()
@@ -131,7 +131,7 @@ def save_run_plot(history, path) -> None:
         acc.set_ylabel("validation accuracy (%)")
         acc.set_title("Validation accuracy")
         acc.grid(True, alpha=0.3)
-    _margins(fig, right=0.8, wspace=0.45)  # room for the lr axis on the right
+    _margins(fig, left=1.0, right=0.8, wspace=0.45)  # room for the lr axis on the right
     _save(fig, path)
 
 
