@@ -35,14 +35,15 @@ from optcli.provenance import provenance
 from optcli.run_files import FORMAT_VERSION
 from optcli.runs import (
     RunLock,
+    atomic_write_files,
     atomic_write_text,
+    checkpoint_bytes,
     create_run_dir,
+    csv_text,
+    json_text,
+    jsonl_text,
     load_checkpoint,
     remove_stale_temp_files,
-    save_checkpoint,
-    write_csv,
-    write_json,
-    write_jsonl,
 )
 from optcli.tasks import load_data
 from optcli.tasks.regression import loss_floor
@@ -185,11 +186,9 @@ class RunWriter:
         history = history or self.history
         if status is not None:
             history.status = status
+        files = self.files(history, interrupted_by=interrupted_by, error=error)  # serialized before any is replaced
         with signals.held():
-            if self.state is not None:
-                checkpoint = {**self.state, "history": history.to_dict(), "config": self.cfg.model_dump(mode="json")}
-                save_checkpoint(self.run_dir / "last.pt", checkpoint)
-            self.write_metrics(history, interrupted_by=interrupted_by, error=error)
+            atomic_write_files(files)
         self.last_write = time.monotonic()
 
     def write_plot(self, history: History | None = None) -> None:
@@ -205,27 +204,33 @@ class RunWriter:
         reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         self.history.status = "failed"
         try:
-            with signals.held():
-                self.write_metrics(self.history, error=reason)
+            self.flush(error=reason)
         except (OSError, SystemRefused):
             pass  # the disk that failed the run fails this too; the original error is what gets reported
 
-    def write_metrics(self, history: History, *, interrupted_by: str | None = None, error: str | None = None) -> None:
+    def files(
+        self, history: History, *, interrupted_by: str | None = None, error: str | None = None
+    ) -> dict[Path, bytes]:
+        """The run directory's files for `history`, in the order they are renamed into place: the checkpoint
+        first, the summary last."""
+        files = {}
+        if self.state is not None:
+            checkpoint = {**self.state, "history": history.to_dict(), "config": self.cfg.model_dump(mode="json")}
+            files[self.run_dir / "last.pt"] = checkpoint_bytes(checkpoint)
         if "csv" in self.cfg.train.loggers:
-            write_csv(self.run_dir / "metrics.csv", [e.csv_row() for e in history.epochs])
-            write_jsonl(self.run_dir / "metrics.jsonl", [vars(e) for e in history.epochs])
-        write_json(
-            self.run_dir / "summary.json",
-            summarize(
-                self.cfg,
-                history,
-                device=self.device,
-                seconds=time.perf_counter() - self.started,
-                world=self.world,
-                interrupted_by=interrupted_by,
-                error=error,
-            ),
+            files[self.run_dir / "metrics.csv"] = csv_text([e.csv_row() for e in history.epochs]).encode()
+            files[self.run_dir / "metrics.jsonl"] = jsonl_text([vars(e) for e in history.epochs]).encode()
+        summary = summarize(
+            self.cfg,
+            history,
+            device=self.device,
+            seconds=time.perf_counter() - self.started,
+            world=self.world,
+            interrupted_by=interrupted_by,
+            error=error,
         )
+        files[self.run_dir / "summary.json"] = json_text(summary).encode()
+        return files
 
 
 def train_run(

@@ -45,28 +45,39 @@ def _file_mode() -> int:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
+    atomic_write_files({Path(path): data})
+
+
+def atomic_write_files(files: dict[Path, bytes]) -> None:
+    """Replace several files together: every new content is written and synced under a temporary name first,
+    then all are renamed in one burst, so that a process killed at any moment leaves files that describe the
+    same epoch (the checkpoint and the metrics), short of the microseconds between two renames."""
+    temps: list[tuple[Path, Path]] = []
+    path = next(iter(files), Path("."))
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        for path, data in files.items():
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            temps.append((Path(name), path))
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), _file_mode())
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in temps:
+            os.replace(tmp, path)
+        for folder in dict.fromkeys(p.parent for p in files):  # make the renames themselves durable
+            dir_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
     except OSError as exc:
-        raise refused(path, exc) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), _file_mode())
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
         raise refused(path, exc) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
         raise
 
 
@@ -97,21 +108,33 @@ def strict_json(obj: Any, *, indent: int | None = None) -> str:
     return json.dumps(finite(obj), indent=indent, default=_jsonable, allow_nan=False)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, strict_json(obj, indent=2) + "\n")
+def json_text(obj: Any) -> str:
+    return strict_json(obj, indent=2) + "\n"
 
 
-def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    atomic_write_text(path, "".join(strict_json(r) + "\n" for r in rows))
+def jsonl_text(rows: Iterable[dict]) -> str:
+    return "".join(strict_json(r) + "\n" for r in rows)
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
+def csv_text(rows: list[dict]) -> str:
     buf = io.StringIO()
     if rows:
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json_text(obj))
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    atomic_write_text(path, jsonl_text(rows))
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, csv_text(rows))
 
 
 def _jsonable(obj: Any) -> Any:
@@ -198,12 +221,16 @@ class RunLock:
         self.release()
 
 
-def save_checkpoint(path: Path, obj: dict) -> None:
+def checkpoint_bytes(obj: dict) -> bytes:
     import torch
 
     buf = io.BytesIO()
     torch.save({"format": FORMAT_VERSION, **obj}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_checkpoint(path: Path, obj: dict) -> None:
+    atomic_write_bytes(path, checkpoint_bytes(obj))
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -79,6 +79,8 @@ def test_sigkill_at_any_moment_leaves_whole_files_and_resume_is_exact(tmp_path):
         "model.dropout=0.2",
         "--set",
         "scheduler={name: exponentiallr, gamma: 0.999}",
+        "--set",
+        "data.samples=80",  # one batch of 64 per epoch: many short epochs, many moments to be killed at
     ]
     whole = start(*args, "--set", "name=whole", cwd=tmp_path)  # a process of its own, like the killed run
     assert whole.wait(timeout=120) == 0

@@ -163,10 +163,8 @@ def _wait_for(path: Path, proc, timeout: float = 90) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1])
-def test_train_ends_on_every_stop_signal_like_ctrl_c_and_resumes_exactly(tmp_path, sig):
-    args = ["--set", "model.dropout=0.2", "--set", "scheduler={name: exponentiallr, gamma: 0.99}"]
+def _interrupted_run(tmp_path: Path, sig: int, args: list[str]) -> int:
+    """A training run stopped by `sig` after its first checkpoint: exit code, message and files; its epochs."""
     proc = _start(["-m", "optcli", "train", *args, "--set", "train.epochs=100000", "--set", "name=r"], tmp_path)
     run_dir = tmp_path / "runs" / "r"
     _wait_for(run_dir / "last.pt", proc)
@@ -179,6 +177,20 @@ def test_train_ends_on_every_stop_signal_like_ctrl_c_and_resumes_exactly(tmp_pat
     assert summary["status"] == "interrupted" and summary["interrupted_by"] == signal.Signals(sig).name
     done = summary["epochs_completed"]
     assert len(load_checkpoint(run_dir)["history"]["epochs"]) == done > 0
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1])
+def test_train_ends_on_every_stop_signal_like_ctrl_c(tmp_path, sig):
+    _interrupted_run(tmp_path, sig, [])
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_a_signal_resumes_exactly(tmp_path):
+    args = ["--set", "model.dropout=0.2", "--set", "scheduler={name: exponentiallr, gamma: 0.99}"]
+    done = _interrupted_run(tmp_path, signal.SIGTERM, args)
+    run_dir = tmp_path / "runs" / "r"
     # --resume is exact: the same weights, bit for bit, as one uninterrupted run of done + 2 epochs (both in
     # processes of their own with one thread: torch splits parallel sums by thread)
     resumed = _start(["-m", "optcli", "train", "--resume", str(run_dir), "--set", f"train.epochs={done + 2}"], tmp_path)
