@@ -167,6 +167,7 @@ class RunWriter:
         self.run_dir, self.cfg, self.device, self.world = run_dir, cfg, device, world
         self.state: dict | None = None
         self.history = History()
+        self.written = History()  # the history the files on disk describe
         self.last_write = 0.0
         self.started = time.perf_counter()
 
@@ -189,6 +190,7 @@ class RunWriter:
         files = self.files(history, interrupted_by=interrupted_by, error=error)  # serialized before any is replaced
         with signals.held():
             atomic_write_files(files)
+        self.written = History(list(history.epochs), history.status, history.diverged_at)
         self.last_write = time.monotonic()
 
     def write_plot(self, history: History | None = None) -> None:
@@ -205,18 +207,31 @@ class RunWriter:
         self.history.status = "failed"
         try:
             self.flush(error=reason)
+            return
+        except (OSError, SystemRefused):
+            pass
+        # no room for a checkpoint (a full disk): the small files say failed, about the epochs the checkpoint holds
+        self.written.status = "failed"
+        try:
+            with signals.held():
+                atomic_write_files(self.files(self.written, error=reason, checkpoint=False))
         except (OSError, SystemRefused):
             pass  # the disk that failed the run fails this too; the original error is what gets reported
 
     def files(
-        self, history: History, *, interrupted_by: str | None = None, error: str | None = None
+        self,
+        history: History,
+        *,
+        interrupted_by: str | None = None,
+        error: str | None = None,
+        checkpoint: bool = True,
     ) -> dict[Path, bytes]:
         """The run directory's files for `history`, in the order they are renamed into place: the checkpoint
         first, the summary last."""
         files = {}
-        if self.state is not None:
-            checkpoint = {**self.state, "history": history.to_dict(), "config": self.cfg.model_dump(mode="json")}
-            files[self.run_dir / "last.pt"] = checkpoint_bytes(checkpoint)
+        if self.state is not None and checkpoint:
+            state = {**self.state, "history": history.to_dict(), "config": self.cfg.model_dump(mode="json")}
+            files[self.run_dir / "last.pt"] = checkpoint_bytes(state)
         if "csv" in self.cfg.train.loggers:
             files[self.run_dir / "metrics.csv"] = csv_text([e.csv_row() for e in history.epochs]).encode()
             files[self.run_dir / "metrics.jsonl"] = jsonl_text([vars(e) for e in history.epochs]).encode()

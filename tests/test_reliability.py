@@ -386,6 +386,10 @@ def test_a_disk_that_fills_mid_run_marks_the_run_failed(tmp_path, monkeypatch):
     summary = strict_loads((Path("runs") / "r" / "summary.json").read_text())
     assert summary["status"] == "failed" and "No space left on device" in summary["error"]
     assert not list((Path("runs") / "r").glob(".*.tmp"))
+    # the summary and metrics speak of the epochs the checkpoint on disk holds (the first), not of later ones
+    held = len(load_checkpoint(Path("runs") / "r")["history"]["epochs"])
+    rows = (Path("runs") / "r" / "metrics.jsonl").read_text().splitlines()
+    assert summary["epochs_completed"] == len(rows) == held == 1
 
 
 def test_stdout_on_a_full_device_is_one_line_and_exit_1(tmp_path):
