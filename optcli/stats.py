@@ -62,7 +62,9 @@ def paired_verdict(
         f"{int(CONFIDENCE * 100)}% CI of the paired difference [{out['ci'][0]:.3g}, {out['ci'][1]:.3g}], "
         f"paired t-test over {len(seeds)} seeds" + (f", p={out['p_value']:.3g}" if out["p_value"] is not None else "")
     )
-    if out["significant"]:
+    if out["lead"] == 0:  # the same mean: neither leads, whatever the order of the ranking
+        out["text"] = f"{best} and {runner} tie on {name}: the same mean over the seeds ({spread}), no clear winner"
+    elif out["significant"]:
         out["text"] = (
             f"{best} beats {runner} on {name} by {out['lead']:.4g} ({spread}): larger than the seed-to-seed spread"
         )

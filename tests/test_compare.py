@@ -84,6 +84,11 @@ def test_verdict_separates_a_real_lead_from_seed_noise():
     assert v["significant"] is False and "no clear winner" in v["text"]
     one = verdict("final_train_loss", "final train loss", True, specs, clear[:1] + clear[4:5], [0])
     assert one["significant"] is None and "no claim" in one["text"]
+    # equal means (steps to a target counted in whole epochs: 844/1266/1688 against 1266 on every seed)
+    tied = [Trial("adam", s, _history([x])) for s, x in enumerate([844.0, 1266.0, 1688.0])]
+    tied += [Trial("sgd", s, _history([1266.0])) for s in range(3)]
+    v = verdict("final_train_loss", "final train loss", True, specs, tied, list(range(3)))
+    assert v["lead"] == 0 and "tie on final train loss" in v["text"] and "leads" not in v["text"]
 
 
 def test_divergent_spec_is_reported_while_others_complete(tmp_path):
