@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from optcli.compare import run_comparison
+from optcli.compare import parse_specs, run_comparison
 from optcli.config import load_config
 from optcli.trials import RayRunner, TrialCallbacks, TrialsInterrupted
 from tests.conftest import cli
@@ -53,18 +53,21 @@ def test_a_failing_trial_is_marked_failed_in_its_row(local_ray, tmp_path):
 
 
 def test_an_interruption_cancels_the_pending_tasks(local_ray):
-    cfg = load_config(None, ["train.epochs=300", "data.samples=32"])
-    specs = ["sgd", "adam", "rmsprop", "adagrad"]
+    # one trial diverges in its first epoch, the others need minutes: none but it can finish between the
+    # interruption and the cancellation (with equal trials, the one running beside the first done could)
+    cfg = load_config(None, ["train.epochs=100000", "data.samples=32"])
+    fast, *slow = parse_specs(["sgd:lr=1e30", "adam", "rmsprop", "adagrad"])
+    plan = [(fast, 0)] + [(spec, seed) for seed in range(3) for spec in slow]
+    finished = []
 
     def stop(label, seed, history):
+        finished.append((label, history.status))
         raise KeyboardInterrupt
 
     runner = RayRunner(cfg, callbacks=TrialCallbacks(on_trial_done=stop))
-    from optcli.compare import parse_specs
-
-    plan = [(spec, seed) for seed in range(3) for spec in parse_specs(specs)]
     with pytest.raises(TrialsInterrupted) as info:
         runner.run(plan)
+    assert finished == [(fast.label, "diverged")]
     assert [h.status for h in info.value.histories].count("interrupted") == len(plan) - 1
     assert len(runner.cancelled) == len(plan) - 1
     for ref in runner.cancelled:
