@@ -83,6 +83,22 @@ def held() -> Iterator[None]:
         raise Stopped(_state.received)
 
 
+@contextmanager
+def blocked_in_children() -> Iterator[None]:
+    """Processes started inside the body begin with the stop signals but SIGTERM blocked (the mask is inherited
+    through fork and exec), until ignore_in_worker() ignores them: a Ctrl-C reaching the process group while a
+    worker still imports torch would otherwise print the worker's KeyboardInterrupt traceback. SIGTERM stays
+    open, as the parent's way to end a worker. A signal reaching this thread meanwhile is delivered at the end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, [s for s in STOP_SIGNALS if s != signal.SIGTERM])
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def ignore_in_worker() -> None:
     """A worker process of a pool leaves stopping to its parent: the terminal's Ctrl-C, SIGHUP, ... reach the whole
     process group, and the parent ends its workers with SIGTERM (left at its default, which ends the process).
@@ -90,6 +106,7 @@ def ignore_in_worker() -> None:
     for s in STOP_SIGNALS:
         if s != signal.SIGTERM:
             signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked since the worker started: see above
     try:
         import ctypes
 

@@ -130,12 +130,13 @@ _worker: dict[str, Any] = {}
 
 
 def _init_worker(cfg_json: dict, threads: int) -> None:
+    signals.ignore_in_worker()  # the parent decides when to stop, and ends its workers itself
+
     import torch
 
     from optcli.model import resolve_device
     from optcli.tasks import load_data
 
-    signals.ignore_in_worker()  # the parent decides when to stop, and ends its workers itself
     cfg = Config.model_validate(cfg_json)
     # before any parallel work, so that the thread pool inherits it; a worker lives for one comparison only
     torch.set_flush_denormal(cfg.train.flush_denormal)
@@ -163,7 +164,8 @@ class ProcessPoolRunner(TrialRunner):
         )
 
     def run(self, plan: Plan) -> list[History]:
-        futures = [self.pool.submit(_run_in_worker, spec, seed) for spec, seed in plan]
+        with signals.blocked_in_children():  # the first submit starts the workers
+            futures = [self.pool.submit(_run_in_worker, spec, seed) for spec, seed in plan]
         done: dict[int, History] = {}
         try:
             for i, ((spec, seed), future) in enumerate(zip(plan, futures, strict=True)):

@@ -149,6 +149,29 @@ def test_stop_signals_raise_stopped_and_are_held_while_files_are_written():
     assert signal.getsignal(signal.SIGTERM) is before  # put back
 
 
+_SIGNAL_STATE = """
+import json, signal
+from optcli import signals
+def state():
+    handler = signal.getsignal(signal.SIGINT)
+    return sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])), handler == signal.SIG_IGN
+before = state()
+signals.ignore_in_worker()
+print(json.dumps([before, state()]))
+"""
+
+
+def test_a_worker_starts_with_the_stop_signals_blocked_until_it_ignores_them():
+    # a Ctrl-C reaching the process group while a pool worker still imports torch must not print its traceback
+    with signals.blocked_in_children():
+        out = subprocess.run([sys.executable, "-c", _SIGNAL_STATE], capture_output=True, text=True, check=True).stdout
+    (blocked, ignored), (blocked_after, ignored_after) = json.loads(out)
+    stop = {int(s) for s in signals.STOP_SIGNALS}
+    assert set(blocked) & stop == stop - {signal.SIGTERM} and not ignored  # SIGTERM open: the parent ends workers so
+    assert not set(blocked_after) & stop and ignored_after
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # this process's mask put back
+
+
 def _start(args, cwd, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "100", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
