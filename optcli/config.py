@@ -21,6 +21,16 @@ from optcli.errors import UserError
 from optcli.limits import MAX_CONFIG_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, read_bounded
 
 RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # a run directory's name: train, compare and merge
+RUN_NAME_RULE = (
+    "must be a plain directory name of letters, digits, '.', '_' or '-', starting with a letter or digit, "
+    "at most 100 characters"
+)
+
+
+def shown_name(name: object) -> str:
+    """A rejected name as an error line shows it: whole when short, else its start and its length."""
+    text = repr(name)
+    return text if len(text) <= 60 else f"{text[:50]}... ({len(str(name))} characters)"
 
 
 class YamlSafeLoader(yaml.SafeLoader):
@@ -309,8 +319,7 @@ def _error_line(err: Any, source: str) -> str:
     if err["type"] == "string_pattern_mismatch" and loc == "device":
         return f"{source}: device: must be auto, cpu, cuda, cuda:N or mps (got {err.get('input')!r})"
     if err["type"] == "string_pattern_mismatch" and loc == "name":
-        got = err.get("input")
-        return f"{source}: name: must be a plain directory name of letters, digits, '.', '_' or '-' (got {got!r})"
+        return f"{source}: name: {RUN_NAME_RULE} (got {shown_name(err.get('input'))})"
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "value_error" and isinstance(err.get("input"), dict):
         return f"{source}: {msg}"  # a cross-field check on a section: its message names the key itself

@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from optcli.config import RUN_NAME_PATTERN
+from optcli.config import RUN_NAME_PATTERN, RUN_NAME_RULE, shown_name
 from optcli.errors import SystemRefused, UserError
 from optcli.limits import MAX_CHECKPOINT_BYTES, read_bounded
 from optcli.run_files import FORMAT_VERSION, check_checkpoint
@@ -146,10 +146,7 @@ def _jsonable(obj: Any) -> Any:
 def check_run_name(name: str, where: str = "name") -> str:
     """The one rule for a run directory's name (train's `name`, compare's, merge --name)."""
     if not re.fullmatch(RUN_NAME_PATTERN, name):
-        raise UserError(
-            f"{where}: must be a plain directory name of letters, digits, '.', '_' or '-', starting with a letter "
-            f"or digit, at most 100 characters (got {name!r})"
-        )
+        raise UserError(f"{where}: {RUN_NAME_RULE} (got {shown_name(name)})")
     return name
 
 

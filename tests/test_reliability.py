@@ -373,6 +373,9 @@ def test_out_dir_that_is_a_file_or_too_long_is_one_line_and_exit_1(tmp_path):
     assert_one_line_error(cli("train", *SHORT, "--set", "out_dir=afile"), 1, "afile: exists and is not a directory")
     long = "/".join(["d" * 250] * 20)
     assert_one_line_error(cli("train", *SHORT, "--set", f"out_dir={long}"), 1, "File name too long")
+    result = cli("train", *SHORT, "--set", "name=" + "n" * 300)  # refused by the run-name rule, shown cut short
+    assert_one_line_error(result, 2, "at most 100 characters (got 'nnnn")
+    assert "(300 characters)" in result.output and len(result.output.strip()) < 300
     assert cli("train", *SHORT, "--set", "out_dir=missing/nested/runs").exit_code == 0  # a missing one is made
 
 
