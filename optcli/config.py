@@ -267,7 +267,7 @@ class Config(Section):
     def _out_dir_inside(cls, value: str) -> str:
         path = Path(value)
         if path.is_absolute() or ".." in path.parts or not value.strip():
-            raise ValueError(f"must be a relative path inside the working directory, without '..' (got {value!r})")
+            raise ValueError("must be a relative path inside the working directory, without '..'")  # + (got value)
         return value
 
     @model_validator(mode="after")
