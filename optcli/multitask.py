@@ -43,7 +43,8 @@ class MultiTaskComparison:
     tasks: list[tuple[str, Comparison]]
     measure: str
     measure_why: str
-    measures: dict[str, dict[str, float]]  # task -> optimizer label -> measure (inf: failed)
+    measures: dict[str, dict[str, float]]  # task -> optimizer label -> measure (inf: see unscored)
+    unscored: dict[str, dict[str, str]] = field(default_factory=dict)  # task -> label -> why its measure is inf
     taus: list[float] = field(default_factory=lambda: list(TAUS))
     profile: dict[str, list[float]] = field(default_factory=dict)  # label -> rho(tau) for tau in taus
     run_dir: str | None = None
@@ -56,6 +57,7 @@ class MultiTaskComparison:
             "measure": self.measure,
             "measure_why": self.measure_why,
             "measures": {t: {o: finite(v) for o, v in by.items()} for t, by in self.measures.items()},
+            "unscored": self.unscored,
             "taus": self.taus,
             "profile": self.profile,
             "run_dir": self.run_dir,
@@ -63,19 +65,28 @@ class MultiTaskComparison:
         }
 
 
-def task_measure(c: Comparison) -> tuple[str, dict[str, float]]:
-    """The measure of each optimizer on one task, lower is better (module docstring)."""
+def task_measure(c: Comparison) -> tuple[str, dict[str, float], dict[str, str]]:
+    """The measure of each optimizer on one task, lower is better (module docstring), and why each infinite one
+    is: the row's status when a seed did not finish, else the target missed on k of n seeds."""
     if c.target is not None:
         key = "target_steps"
         missed = lambda r: r["target_reached"] < r["seeds"]  # noqa: E731
     else:
         key = "best_val_loss" if any(r["best_val_loss"] is not None for r in c.rows) else "final_train_loss"
         missed = lambda r: r["completed"] < r["seeds"]  # noqa: E731
-    values = {}
+    values, unscored = {}, {}
     for r in c.rows:
-        failed = missed(r) or r[key] is None or not r[key] > 0
-        values[r["label"]] = math.inf if failed else float(r[key])
-    return key, values
+        if not missed(r) and r[key] is not None and r[key] > 0:
+            values[r["label"]] = float(r[key])
+            continue
+        values[r["label"]] = math.inf
+        if r["completed"] < r["seeds"]:
+            unscored[r["label"]] = r["status"]  # e.g. "diverged 1/3"
+        elif c.target is not None:
+            unscored[r["label"]] = f"not reached {r['target_reached']}/{r['seeds']}"
+        else:
+            unscored[r["label"]] = f"{key} {r[key]}"  # a loss of exactly 0 has no ratio to the best
+    return key, values, unscored
 
 
 def task_targets(targets: list[str] | None, n_tasks: int) -> list[str | None]:
@@ -133,13 +144,15 @@ def run_compare(
             on_task(name)
         task_cfg = cfg.model_copy(update={"out_dir": str(parent), "name": name})
         tasks.append((name, run_comparison(task_cfg, spec_texts, target=target, **options)))
-    keys, measures = set(), {}
+    keys, measures, unscored = set(), {}, {}
     for name, c in tasks:
-        key, measures[name] = task_measure(c)
+        key, measures[name], unscored[name] = task_measure(c)
         keys.add(key)
     measure = " or ".join(k for k in MEASURE_WHY if k in keys)
     why = " / ".join(MEASURE_WHY[k] for k in MEASURE_WHY if k in keys)
-    result = MultiTaskComparison(tasks, measure, why, measures, profile=profile(measures), run_dir=str(parent))
+    result = MultiTaskComparison(
+        tasks, measure, why, measures, unscored, profile=profile(measures), run_dir=str(parent)
+    )
     result.wall_seconds = time.perf_counter() - started
     write_json(parent / "summary.json", result.to_dict())
     from optcli.report.profile import save_profile_plot

@@ -1,12 +1,16 @@
 """compare over several tasks: each task's comparison, and a performance profile across them."""
 
+import io
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import yaml
+from rich.console import Console
 
 from optcli.profile import profile, ratios
+from optcli.report.profile import measures_table, profile_table
 from tests.conftest import assert_user_error, cli
 
 
@@ -86,7 +90,23 @@ def test_per_task_targets_make_steps_to_target_the_measure(tmp_path, tiny_mnist)
     for label, steps in out["measures"]["reg"].items():
         assert reg_rows[label]["target_reached"] == 2 and steps == reg_rows[label]["target_steps"] > 0
     assert set(out["measures"]["digits"].values()) == {None}  # not reached: infinite, null in JSON
+    assert out["unscored"] == {
+        "reg": {},
+        "digits": {"sgd:lr=1e-4": "not reached 0/2", "adam:lr=1e-3": "not reached 0/2"},
+    }
     assert all(rho[-1] == 0.5 for rho in out["profile"].values())  # within any tau on reg only
+    # at 80 columns the tables say why a measure is infinite and keep every name whole
+    measures = {t: {o: math.inf if v is None else v for o, v in by.items()} for t, by in out["measures"].items()}
+    m = SimpleNamespace(**{**out, "measures": measures})
+    text = _rendered(measures_table(m, width=80)) + _rendered(profile_table(m, width=80))
+    assert text.count("not reached 0/2") == 2 and "failed" not in text
+    assert text.count("sgd:lr=1e-4") == 2 and text.count("adam:lr=1e-3") == 2 and "tau=1 " in text
+
+
+def _rendered(table) -> str:
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(table)
+    return console.export_text()
 
 
 def test_targets_must_be_one_or_one_per_task(tmp_path, tiny_mnist):

@@ -8,36 +8,38 @@ from rich.rule import Rule
 from rich.table import Table
 
 from optcli.report.format import fmt
+from optcli.report.layout import Col, fitted_table
 
 
-def measures_table(m) -> Table:
-    table = Table(title=f"Per-task measure: {m.measure} (ratio to the task's best)")
-    table.add_column("optimizer")
-    for task in m.measures:
-        table.add_column(task, justify="right")
+def measures_table(m, *, width: int | None = None) -> Table:
     labels = list(dict.fromkeys(o for by in m.measures.values() for o in by))
+    rows = []
     for label in labels:
         cells = []
-        for by in m.measures.values():
+        for task, by in m.measures.items():
             v, best = by.get(label, math.inf), min(by.values())
-            cells.append("[red]failed[/]" if not math.isfinite(v) else f"{fmt(v)} (×{v / best:.4g})")
-        table.add_row(label, *cells)
-    return table
+            why = m.unscored.get(task, {}).get(label, "not run")
+            cells.append(f"[red]{why}[/]" if not math.isfinite(v) else f"{fmt(v)} (×{v / best:.4g})")
+        rows.append([label, *cells])
+    cols = [Col("optimizer"), *(Col(task, "text", priority=50) for task in m.measures)]
+    return fitted_table(f"Per-task measure: {m.measure} (ratio to the task's best)", cols, rows, width=width)
 
 
-def profile_table(m) -> Table:
-    table = Table(
-        title=f"Performance profile over {len(m.measures)} tasks: fraction of tasks within a factor tau of the best"
-    )
-    table.add_column("optimizer")
-    for tau in m.taus:
-        table.add_column(f"tau={fmt(tau, 3)}", justify="right")
-    for label, rho in m.profile.items():
-        best = max(m.profile.values(), key=lambda r: r[0])[0]
-        table.add_row(
-            label, *[(f"[bold green]{r:.2f}[/]" if i == 0 and r == best else f"{r:.2f}") for i, r in enumerate(rho)]
-        )
-    table.caption = f"measure: {m.measure_why}"
+def profile_table(m, *, width: int | None = None) -> Table:
+    best = max(rho[0] for rho in m.profile.values())
+    rows = [
+        [label, *[(f"[bold green]{r:.2f}[/]" if i == 0 and r == best else f"{r:.2f}") for i, r in enumerate(rho)]]
+        for label, rho in m.profile.items()
+    ]
+    # tau = 1 (who is best) and the largest tau (who ever gets close) are the last to be left out
+    last = len(m.taus) - 1
+    cols = [Col("optimizer")] + [
+        Col(f"tau={fmt(tau, 3)}", "num", priority=90 if i == 0 else 85 if i == last else 80 - i)
+        for i, tau in enumerate(m.taus)
+    ]
+    title = f"Performance profile over {len(m.measures)} tasks: fraction of tasks within a factor tau of the best"
+    table = fitted_table(title, cols, rows, width=width)
+    table.caption = f"measure: {m.measure_why}" + (f"; {table.caption}" if table.caption else "")
     return table
 
 
