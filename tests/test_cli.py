@@ -49,27 +49,31 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 COLOR = re.compile(r"\x1b\[[0-9;]*(3[0-9]|9[0-7]|38;[0-9;]+)m")  # foreground colors, not bold or italic
 
 
-def _compare_as_on_a_terminal(**env):
+def _compare_as_on_a_terminal(**env) -> subprocess.Popen:
     """FORCE_COLOR makes Rich treat the pipe as a terminal, so colors would be written unless something says no."""
     base = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TERM")}
     env = {**base, "FORCE_COLOR": "1", "COLUMNS": "100", **env}
-    return subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-m", "optcli", "compare", "sgd:lr=1e6", "adam", "--epochs", "2", *FAST],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
-        timeout=120,
     )
 
 
 @pytest.mark.slow
 def test_no_color_and_dumb_terminals_are_honoured():
-    colored = _compare_as_on_a_terminal()
-    assert COLOR.search(colored.stdout), "the reference run should be colored (a diverged row is red)"
-    no_color = _compare_as_on_a_terminal(NO_COLOR="1")
-    assert no_color.returncode == 0 and not COLOR.search(no_color.stdout)
-    dumb = _compare_as_on_a_terminal(TERM="dumb")
-    assert dumb.returncode == 0 and not ANSI.search(dumb.stdout)
+    # three processes side by side: most of each one's time is importing torch
+    runs = [
+        _compare_as_on_a_terminal(),
+        _compare_as_on_a_terminal(NO_COLOR="1"),
+        _compare_as_on_a_terminal(TERM="dumb"),
+    ]
+    (colored, _), (no_color, _), (dumb, _) = [p.communicate(timeout=180) for p in runs]
+    assert COLOR.search(colored), "the reference run should be colored (a diverged row is red)"
+    assert runs[1].returncode == 0 and not COLOR.search(no_color)
+    assert runs[2].returncode == 0 and not ANSI.search(dumb)
 
 
 def test_a_closed_pipe_ends_quietly():
