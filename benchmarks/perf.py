@@ -41,10 +41,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from optcli.build import build_model_and_optimizer, torch_settings  # noqa: E402
 from optcli.config import load_config  # noqa: E402
+from optcli.engine.build import build_model_and_optimizer, torch_settings  # noqa: E402
+from optcli.engine.loop import make_loss, train_one_epoch  # noqa: E402
 from optcli.tasks import epoch_permutation, load_data  # noqa: E402
-from optcli.train import make_loss, train_one_epoch  # noqa: E402
 
 BATCH = 128
 results: list[tuple[str, float, float, bool]] = []  # (what, ratio, target, met)
@@ -191,7 +191,7 @@ def cli_start_times(args: list[str], runs: int = 7) -> list[float]:
 COMPARE_SNIPPET = """
 import json, sys, time, torch
 from optcli.config import load_config
-from optcli.compare import run_comparison
+from optcli.compare.comparison import run_comparison
 opts = json.loads(sys.argv[1])
 cfg = load_config(opts["config"], opts["overrides"])
 t0 = time.perf_counter()
@@ -392,7 +392,7 @@ def largest_difference(a, b) -> tuple[float, float, str]:
 
 
 def vectorized_section(data_root: str, args, out_dir: str) -> None:
-    from optcli.compare import run_comparison
+    from optcli.compare.comparison import run_comparison
 
     print("\n5. 3 optimizers x 5 seeds, the seeds stacked (--vectorize) against the plain path (this process)")
     run_comparison(load_config(None, ["train.epochs=2", f"out_dir={out_dir}"]), ["adam"], seeds=2)  # warm-up

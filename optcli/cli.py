@@ -95,7 +95,7 @@ def overrides(set_: list[str] | None, epochs: int | None = None) -> list[str]:
 def show(data: Any, json_out: bool, render: Callable[[], None]) -> None:
     """The result as JSON on stdout, or rendered as tables."""
     if json_out:
-        from optcli.runs import strict_json
+        from optcli.rundir.files import strict_json
 
         typer.echo(strict_json(data))
     else:
@@ -124,11 +124,11 @@ def train(
 
     Example: optcli train --config configs/mnist_mlp.yaml --set optimizer.lr=3e-4
     """
-    from optcli import runner
     from optcli.config import load_config
     from optcli.errors import UserError
     from optcli.report.progress import TrainProgress
     from optcli.report.tables import print_train_result
+    from optcli.rundir import run as runner
 
     if resume and config:
         raise UserError("--resume continues with the run's own config.yaml; drop --config (use --set to change keys)")
@@ -216,13 +216,13 @@ def compare(
     Example: optcli compare sgd:lr=0.1,momentum=0.9 adam rmsprop --config configs/mnist_mlp.yaml --seeds 3
     Over tasks: optcli compare sgd adam -c configs/regression.yaml -c configs/mnist_mlp.yaml (a performance profile)
     """
-    from optcli.compare import load_compare_config
-    from optcli.multitask import MultiTaskComparison, run_compare
+    from optcli.compare.comparison import load_compare_config
+    from optcli.compare.multitask import MultiTaskComparison, run_compare
+    from optcli.compare.runners import TrialCallbacks
     from optcli.report.console import console
     from optcli.report.profile import print_multitask
     from optcli.report.progress import CompareProgress
     from optcli.report.tables import print_comparison
-    from optcli.trials import TrialCallbacks
 
     sources: list[Path | None] = list(config) if config else [None]
     cfgs = [(str(c) if c else None, load_compare_config(c, overrides(set_, epochs))) for c in sources]
@@ -266,7 +266,7 @@ def merge(
 
     Example: optcli merge runs/seeds0-1 runs/seeds2-3 --name all-seeds
     """
-    from optcli.merge import merge_comparisons
+    from optcli.compare.merge import merge_comparisons
     from optcli.report.tables import print_comparison
 
     result = merge_comparisons([str(d) for d in run_dirs], name=name)
@@ -348,7 +348,7 @@ def optimizers(json_out: bool = JsonOpt) -> None:
 
     Example: optcli optimizers
     """
-    from optcli.optim import list_optimizers
+    from optcli.engine.optimizers import list_optimizers
     from optcli.report.console import console
     from optcli.report.tables import optimizers_table
 

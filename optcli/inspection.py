@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from optcli.build import build_task_model, seed_torch, torch_settings
 from optcli.config import Config, optimizer_config, validate
-from optcli.errors import UserError
-from optcli.model import resolve_device
-from optcli.optim import (
+from optcli.engine.build import build_task_model, seed_torch, torch_settings
+from optcli.engine.loop import make_loss
+from optcli.engine.model import resolve_device
+from optcli.engine.optimizers import (
     build_optimizer,
     canonical_name,
     check_optimizer,
@@ -23,10 +23,10 @@ from optcli.optim import (
     resolve_optimizer,
     step_with_closure,
 )
-from optcli.runs import load_checkpoint
-from optcli.stepping import optimizer_mode, set_mode
+from optcli.engine.stepping import optimizer_mode, set_mode
+from optcli.errors import UserError
+from optcli.rundir.files import load_checkpoint
 from optcli.tasks import epoch_permutation, load_data, task_shape
-from optcli.train import make_loss
 
 SHOW_VALUES_UP_TO = 4  # elements: a parameter this small is shown in full by --step
 MODE_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)

@@ -21,13 +21,20 @@ from pathlib import Path
 
 import torch
 
-from optcli.build import build_model_and_optimizer, seed_torch, torch_settings
 from optcli.config import Config, optimizer_config
+from optcli.engine.build import build_model_and_optimizer, seed_torch, torch_settings
+from optcli.engine.loop import make_loss
+from optcli.engine.model import check_model_config, resolve_device
+from optcli.engine.optimizers import (
+    check_kwargs,
+    check_optimizer,
+    needs_closure,
+    parse_spec,
+    resolve_optimizer,
+    step_with_closure,
+)
 from optcli.errors import UserError
-from optcli.model import check_model_config, resolve_device
-from optcli.optim import check_kwargs, check_optimizer, needs_closure, parse_spec, resolve_optimizer, step_with_closure
 from optcli.tasks import Data, batches, epoch_permutation, load_data
-from optcli.train import make_loss
 
 RULES = ("steepest", "minimum")
 SKIP_START = 0.1  # the first tenth of the curve is mostly the EMA settling and init noise: no suggestion there

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-from optcli.signals import STOP_SIGNALS
+from optcli.rundir.signals import STOP_SIGNALS
 
 
 def main() -> None:

@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-import optcli.build as build_mod
-import optcli.train as train_mod
-from optcli.compare import Trial, aggregate, parse_specs, run_comparison, verdict
+import optcli.engine.build as build_mod
+import optcli.engine.loop as train_mod
+from optcli.compare.comparison import Trial, aggregate, parse_specs, run_comparison, verdict
 from optcli.config import load_config
-from optcli.train import EpochMetrics, History
+from optcli.engine.loop import EpochMetrics, History
 from tests.conftest import assert_user_error, cli, mnist_args
 
 FAST = ["--set", "train.epochs=6", "--set", "data.samples=32", "--seeds", "1"]

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from optcli.build import build_model_and_optimizer
-from optcli.compare import run_comparison
+from optcli.compare.comparison import run_comparison
+from optcli.compare.stats import Target, parse_target, steps_to_target, time_to_target
 from optcli.config import load_config
-from optcli.stats import Target, parse_target, steps_to_target, time_to_target
+from optcli.engine.build import build_model_and_optimizer
+from optcli.engine.loop import EpochMetrics, History, fit
 from optcli.tasks import load_data
 from optcli.tasks.mnist import load_mnist
-from optcli.train import EpochMetrics, History, fit
 from tests.conftest import assert_user_error, cli, mnist_args
 
 SMALL = ["train.epochs=3", "data.samples=200"]

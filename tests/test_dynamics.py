@@ -3,11 +3,11 @@ import json
 import pytest
 import torch
 
-from optcli.build import build_model_and_optimizer
 from optcli.config import load_config
-from optcli.dynamics import Dynamics
+from optcli.engine.build import build_model_and_optimizer
+from optcli.engine.dynamics import Dynamics
+from optcli.engine.loop import fit
 from optcli.tasks import load_data
-from optcli.train import fit
 from tests.conftest import cli
 
 # the tutorial's shapes, pinned so that the step sizes below do not depend on the default task

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from optcli.config import EarlyStoppingConfig
-from optcli.train import EpochMetrics, History, early_stop
+from optcli.engine.loop import EpochMetrics, History, early_stop
 from tests.conftest import cli, mnist_args
 
 # no improvement is possible after the first epoch: the run stops after exactly `patience` more

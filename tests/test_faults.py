@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from optcli.runs import create_run_dir, load_checkpoint
+from optcli.rundir.files import create_run_dir, load_checkpoint
 from tests.conftest import cli
 
 

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from optcli.config import load_config
+from optcli.engine.model import build_model
+from optcli.engine.optimizers import build_optimizer
 from optcli.inspection import check_linkage, inspect_params
-from optcli.model import build_model
-from optcli.optim import build_optimizer
 from tests.conftest import cli
 
 

@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from optcli.build import build_model_and_optimizer
 from optcli.config import load_config
+from optcli.engine.build import build_model_and_optimizer
+from optcli.engine.loop import fit
 from optcli.lr_find import lr_find, lr_schedule, smooth, suggest
 from optcli.tasks import Data, Split
-from optcli.train import fit
 from tests.conftest import assert_user_error, cli
 
 

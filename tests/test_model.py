@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from optcli.model import MLP, Dropout
+from optcli.engine.model import MLP, Dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.5, 0.9])

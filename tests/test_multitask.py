@@ -9,7 +9,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from optcli.profile import profile, ratios
+from optcli.compare.performance_profile import profile, ratios
 from optcli.report.profile import measures_table, profile_table
 from tests.conftest import assert_user_error, cli
 

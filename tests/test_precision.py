@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-import optcli.train as train_mod
+import optcli.engine.loop as train_mod
 from optcli.config import load_config
+from optcli.engine.loop import check_precision
 from optcli.errors import UserError
-from optcli.runs import load_checkpoint
-from optcli.train import check_precision
+from optcli.rundir.files import load_checkpoint
 from tests.conftest import cli, mnist_args
 
 
@@ -32,7 +32,7 @@ def test_the_forward_pass_runs_in_the_chosen_dtype(precision, dtype, monkeypatch
         return Recording()
 
     monkeypatch.setattr(train_mod, "autocast", spy)
-    from optcli.runner import train_run
+    from optcli.rundir.run import train_run
 
     cfg = load_config(None, ["train.epochs=2", f"train.precision={precision}", "data.samples=16"])
     result = train_run(cfg)

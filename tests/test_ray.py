@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from optcli.compare import parse_specs, run_comparison
+from optcli.compare.comparison import parse_specs, run_comparison
+from optcli.compare.runners import RayRunner, TrialCallbacks, TrialsInterrupted
 from optcli.config import load_config
-from optcli.trials import RayRunner, TrialCallbacks, TrialsInterrupted
 from tests.conftest import cli
 
 ray = pytest.importorskip("ray")

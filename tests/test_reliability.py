@@ -18,8 +18,8 @@ import pytest
 import torch
 import yaml
 
-from optcli import signals
-from optcli.runs import RunLock, load_checkpoint
+from optcli.rundir import signals
+from optcli.rundir.files import RunLock, load_checkpoint
 from tests.conftest import cli
 
 SHORT = [
@@ -151,7 +151,7 @@ def test_stop_signals_raise_stopped_and_are_held_while_files_are_written():
 
 _SIGNAL_STATE = """
 import json, signal
-from optcli import signals
+from optcli.rundir import signals
 def state():
     handler = signal.getsignal(signal.SIGINT)
     return sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])), handler == signal.SIG_IGN
@@ -396,7 +396,7 @@ def test_a_read_only_out_dir_is_one_line_exit_1_and_no_run_directory(immutable_d
 
 
 def test_a_disk_that_fills_mid_run_marks_the_run_failed(tmp_path, monkeypatch):
-    import optcli.runs
+    import optcli.rundir.files
 
     real_replace = os.replace
 
@@ -405,8 +405,8 @@ def test_a_disk_that_fills_mid_run_marks_the_run_failed(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_replace(src, dst)
 
-    monkeypatch.setattr(optcli.runs.os, "replace", full)
-    monkeypatch.setattr("optcli.runner.CHECKPOINT_INTERVAL_S", 0.0)
+    monkeypatch.setattr(optcli.rundir.files.os, "replace", full)
+    monkeypatch.setattr("optcli.rundir.run.CHECKPOINT_INTERVAL_S", 0.0)
     result = cli("train", "--set", "train.epochs=5", "--set", "name=r")
     assert_one_line_error(result, 1, "runs/r/last.pt: cannot write (No space left on device)")
     summary = strict_loads((Path("runs") / "r" / "summary.json").read_text())

@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
-from optcli.build import build_model_and_optimizer
 from optcli.config import load_config
-from optcli.runs import load_checkpoint
+from optcli.engine.build import build_model_and_optimizer
+from optcli.rundir.files import load_checkpoint
 from optcli.tasks import load_data
 from tests.conftest import cli, mnist_args
 

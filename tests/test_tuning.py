@@ -5,11 +5,11 @@ import math
 
 import pytest
 
-from optcli.compare import parse_specs, run_comparison
+from optcli.compare.comparison import parse_specs, run_comparison
+from optcli.compare.runners import TrialCallbacks
+from optcli.compare.tuning import Dimension, kwargs_at, search_space
 from optcli.config import load_config
 from optcli.errors import UserError
-from optcli.trials import TrialCallbacks
-from optcli.tuning import Dimension, kwargs_at, search_space
 from tests.conftest import assert_user_error, cli, mnist_args
 
 pytest.importorskip("optuna")

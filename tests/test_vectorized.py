@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from optcli.build import build_model_and_optimizer, seed_torch
-from optcli.compare import run_comparison
+from optcli.compare.comparison import run_comparison
 from optcli.config import load_config
-from optcli.model import Dropout
+from optcli.engine.build import build_model_and_optimizer, seed_torch
+from optcli.engine.model import Dropout
+from optcli.engine.stacked import StackedDropout, build_stacked_model, elementwise_optimizers, retire
 from optcli.tasks import load_data
-from optcli.vectorized import StackedDropout, build_stacked_model, elementwise_optimizers, retire
 from tests.conftest import assert_user_error, cli, mnist_args
 
 # Per step, the stacked and the plain path run the same float32 operations on the same values, except the order of

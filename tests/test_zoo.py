@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-import optcli.train as train_mod
-from optcli import stepping
-from optcli.build import build_model_and_optimizer
+import optcli.engine.loop as train_mod
 from optcli.config import load_config
-from optcli.optim import canonical_name, resolve_optimizer
-from optcli.runs import load_checkpoint
+from optcli.engine import stepping
+from optcli.engine.build import build_model_and_optimizer
+from optcli.engine.optimizers import canonical_name, resolve_optimizer
+from optcli.rundir.files import load_checkpoint
 from optcli.tasks import load_data
 from tests.conftest import assert_user_error, cli, mnist_args
 

@@ -18,7 +18,7 @@ def _save(fig, path) -> None:
     """The figure as a PNG, written atomically; the figure is closed."""
     import io
 
-    from optcli.runs import atomic_write_bytes
+    from optcli.rundir.files import atomic_write_bytes
 
     plt = _pyplot()
     buf = io.BytesIO()

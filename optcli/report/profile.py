@@ -66,7 +66,7 @@ def save_profile_plot(taus: list[float], rho: dict[str, list[float]], path, *, m
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from optcli.runs import atomic_write_bytes
+    from optcli.rundir.files import atomic_write_bytes
 
     top = max(taus) * 1.5 if len(taus) > 1 else 2.0
     fig, ax = plt.subplots(figsize=(6.5, 4.5))

@@ -82,7 +82,7 @@ def save_tuning_plot(tuning: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from optcli.runs import atomic_write_bytes
+    from optcli.rundir.files import atomic_write_bytes
 
     rows = list(tuning["optimizers"].items())
     cols = 1 + max(len(t["space"]) for _, t in rows)

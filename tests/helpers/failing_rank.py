@@ -2,7 +2,7 @@
 
 import os
 
-import optcli.train as train
+import optcli.engine.loop as train
 from optcli.cli import app
 
 real_train_one_epoch = train.train_one_epoch

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from optcli.config import Config, EarlyStoppingConfig
-from optcli.distributed import SINGLE, Dist
+from optcli.engine.distributed import SINGLE, Dist
+from optcli.engine.optimizers import current_lr, is_plateau, needs_closure, scheduler_interval, step_with_closure
+from optcli.engine.stepping import set_mode
 from optcli.errors import UserError
-from optcli.optim import current_lr, is_plateau, needs_closure, scheduler_interval, step_with_closure
-from optcli.stepping import set_mode
 from optcli.tasks import Data, Split, batches, epoch_permutation, steps_per_epoch
 from optcli.tasks.functions import FunctionValue
 

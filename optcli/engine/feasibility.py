@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from optcli.config import Config
+from optcli.engine.optimizers import check_kwargs, needs_closure, resolve_optimizer
 from optcli.errors import UserError
-from optcli.optim import check_kwargs, needs_closure, resolve_optimizer
 
 BYTES_PER_VALUE = 4  # float32 parameters, gradients, optimizer state and activations
 EVAL_BATCH = 8192  # train.EVAL_BATCH: evaluation runs in batches this large

@@ -24,7 +24,7 @@ from typing import Any
 from optcli.config import RUN_NAME_PATTERN, RUN_NAME_RULE, shown_name
 from optcli.errors import SystemRefused, UserError
 from optcli.limits import MAX_CHECKPOINT_BYTES, read_bounded
-from optcli.run_files import FORMAT_VERSION, check_checkpoint
+from optcli.rundir.schema import FORMAT_VERSION, check_checkpoint
 
 LOCK_FILE = ".lock"
 _umask_lock = threading.Lock()

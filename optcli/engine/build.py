@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from optcli.config import Config
-from optcli.feasibility import check_trainable
-from optcli.model import build_model
-from optcli.optim import build_optimizer, build_scheduler, needs_closure
+from optcli.engine.feasibility import check_trainable
+from optcli.engine.model import build_model
+from optcli.engine.optimizers import build_optimizer, build_scheduler, needs_closure
 from optcli.tasks import Data, steps_per_epoch
 
 

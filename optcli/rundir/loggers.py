@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from optcli.config import Config
+from optcli.engine.loop import EpochMetrics, History
 from optcli.errors import UserError
-from optcli.train import EpochMetrics, History
 
 TENSORBOARD_DIR = "tensorboard"  # inside a run directory; a comparison has one subdirectory per trial
 

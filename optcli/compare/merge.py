@@ -8,17 +8,17 @@ from pathlib import Path
 
 import yaml
 
-from optcli import signals
-from optcli.compare import Comparison, Trial, build_comparison, describe_function, write_comparison
+from optcli.compare.comparison import Comparison, Trial, build_comparison, describe_function, write_comparison
+from optcli.compare.runners import OptimizerSpec
+from optcli.compare.stats import Target
 from optcli.config import DataConfig, read_yaml
+from optcli.engine.loop import EpochMetrics, History
 from optcli.errors import UserError
 from optcli.limits import MAX_SUMMARY_BYTES, read_bounded
-from optcli.provenance import differences
-from optcli.run_files import parse_comparison_summary
-from optcli.runs import RunLock, check_run_name, create_run_dir
-from optcli.stats import Target
-from optcli.train import EpochMetrics, History
-from optcli.trials import OptimizerSpec
+from optcli.rundir import signals
+from optcli.rundir.files import RunLock, check_run_name, create_run_dir
+from optcli.rundir.provenance import differences
+from optcli.rundir.schema import parse_comparison_summary
 
 EPOCH_FIELDS = [f.name for f in dataclasses.fields(EpochMetrics)]
 

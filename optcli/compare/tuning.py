@@ -34,11 +34,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
 
+from optcli.compare.runners import OptimizerSpec, TrialRunner
 from optcli.config import Config, optimizer_config
+from optcli.engine.loop import History
+from optcli.engine.optimizers import resolve_optimizer, signature_defaults
 from optcli.errors import UserError
-from optcli.optim import resolve_optimizer, signature_defaults
-from optcli.train import History
-from optcli.trials import OptimizerSpec, TrialRunner
 
 EDGE = 0.1  # a winner within this fraction of a dimension's (log) range from its end is "on the edge"
 POLL_SECONDS = 2.0  # how often a machine looks whether the others' trials of a shared study have finished
@@ -197,8 +197,8 @@ def lr_find_centres(cfg: Config, specs: list[OptimizerSpec], *, seed: int) -> di
     """Each spec's lr-find suggestion on the tuning seed, to centre its lr range on (--tune-centre lr-find). Every
     optimizer's range test gets the same LR_FIND_STEPS, counted in its tuning cost; a test that suggests nothing
     leaves the spec's own centre."""
+    from optcli.engine.model import resolve_device
     from optcli.lr_find import range_test
-    from optcli.model import resolve_device
     from optcli.tasks import load_data
 
     seeded = cfg.model_copy(update={"seed": seed, "scheduler": None})

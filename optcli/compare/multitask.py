@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from optcli.compare import Comparison, check_target, parse_specs, run_comparison
+from optcli.compare.comparison import Comparison, check_target, parse_specs, run_comparison
+from optcli.compare.performance_profile import TAUS, curve, profile
 from optcli.config import Config
+from optcli.engine.model import check_model_config
+from optcli.engine.optimizers import check_scheduler
 from optcli.errors import UserError
-from optcli.model import check_model_config
-from optcli.optim import check_scheduler
-from optcli.profile import TAUS, curve, profile
-from optcli.runs import create_run_dir, write_json
+from optcli.rundir.files import create_run_dir, write_json
 
 MEASURE_WHY = {
     "target_steps": "optimizer steps to the task's target, mean over seeds, infinite when a seed missed it "

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from optcli.config import Config
+from optcli.engine.loop import EpochCallback, EpochMetrics
 from optcli.tasks.functions import FUNCTIONS, Point, evaluate_at
-from optcli.train import EpochCallback, EpochMetrics
 
 
 def layer_of(name: str) -> str:

@@ -20,8 +20,8 @@ import torch
 import yaml
 from torch import nn
 
-from optcli import stepping
 from optcli.config import OptimizerConfig, SchedulerConfig, parse_yaml
+from optcli.engine import stepping
 from optcli.errors import UserError
 
 # Keywords that give a schedule's length: filled, when not given, with the number of times the scheduler will

@@ -16,39 +16,7 @@ from typing import Any
 
 import torch
 
-from optcli import signals
-from optcli.build import torch_settings
-from optcli.config import (
-    Config,
-    DataConfig,
-    OptimizerConfig,
-    load_config,
-    optimizer_config,
-    parse_override,
-    to_yaml,
-)
-from optcli.errors import RunInterrupted, UserError
-from optcli.loggers import TENSORBOARD_DIR, check_loggers, trial_dir_name, write_history
-from optcli.model import check_model_config, resolve_device
-from optcli.optim import (
-    canonical_name,
-    check_kwargs,
-    check_optimizer,
-    check_scheduler,
-    needs_closure,
-    parse_spec,
-    resolve_optimizer,
-    signature_defaults,
-)
-from optcli.provenance import provenance
-from optcli.run_files import FORMAT_VERSION
-from optcli.runs import RunLock, atomic_write_text, create_run_dir, write_csv, write_json
-from optcli.stats import Target, mean_std, paired_verdict, parse_target, time_to_target
-from optcli.tasks import load_data
-from optcli.tasks.functions import FUNCTIONS, grid, plot_box, start_point
-from optcli.tasks.regression import loss_floor
-from optcli.train import EpochMetrics, History, check_closure_settings, check_precision
-from optcli.trials import (
+from optcli.compare.runners import (
     OptimizerSpec,
     ProcessPoolRunner,
     RayRunner,
@@ -58,8 +26,40 @@ from optcli.trials import (
     TrialsInterrupted,
     threads_per_job,
 )
-from optcli.tuning import check_overrides, lr_find_centres, search_space, tuning_rows
-from optcli.tuning import tune as run_tuning
+from optcli.compare.stats import Target, mean_std, paired_verdict, parse_target, time_to_target
+from optcli.compare.tuning import check_overrides, lr_find_centres, search_space, tuning_rows
+from optcli.compare.tuning import tune as run_tuning
+from optcli.config import (
+    Config,
+    DataConfig,
+    OptimizerConfig,
+    load_config,
+    optimizer_config,
+    parse_override,
+    to_yaml,
+)
+from optcli.engine.build import torch_settings
+from optcli.engine.loop import EpochMetrics, History, check_closure_settings, check_precision
+from optcli.engine.model import check_model_config, resolve_device
+from optcli.engine.optimizers import (
+    canonical_name,
+    check_kwargs,
+    check_optimizer,
+    check_scheduler,
+    needs_closure,
+    parse_spec,
+    resolve_optimizer,
+    signature_defaults,
+)
+from optcli.errors import RunInterrupted, UserError
+from optcli.rundir import signals
+from optcli.rundir.files import RunLock, atomic_write_text, create_run_dir, write_csv, write_json
+from optcli.rundir.loggers import TENSORBOARD_DIR, check_loggers, trial_dir_name, write_history
+from optcli.rundir.provenance import provenance
+from optcli.rundir.schema import FORMAT_VERSION
+from optcli.tasks import load_data
+from optcli.tasks.functions import FUNCTIONS, grid, plot_box, start_point
+from optcli.tasks.regression import loss_floor
 
 # (key, label, lower is better)
 METRICS = [
@@ -461,7 +461,7 @@ def make_runner(
     if backend == "ray":
         return RayRunner(cfg, threads=threads, callbacks=callbacks)
     if vectorize:
-        from optcli.vectorized import StackedRunner
+        from optcli.engine.stacked import StackedRunner
 
         return StackedRunner(cfg, load_data(cfg.data, device), callbacks)
     if jobs > 1:

@@ -27,14 +27,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from optcli.build import seed_torch
+from optcli.compare.runners import OptimizerSpec, Plan, TrialCallbacks, TrialRunner, _interrupted, run_trial
 from optcli.config import Config
-from optcli.dynamics import Dynamics
-from optcli.model import MLP, build_model, dropout_mask
-from optcli.optim import build_optimizer, build_scheduler, resolve_optimizer, scheduler_classes
+from optcli.engine.build import seed_torch
+from optcli.engine.dynamics import Dynamics
+from optcli.engine.loop import EVAL_BATCH, EpochMetrics, History, make_loss
+from optcli.engine.model import MLP, build_model, dropout_mask
+from optcli.engine.optimizers import build_optimizer, build_scheduler, resolve_optimizer, scheduler_classes
 from optcli.tasks import Data, Split, epoch_permutation, steps_per_epoch
-from optcli.train import EVAL_BATCH, EpochMetrics, History, make_loss
-from optcli.trials import OptimizerSpec, Plan, TrialCallbacks, TrialRunner, _interrupted, run_trial
 
 # The one place that says which optimizers update elementwise, as (module, class): their step reads an entry's
 # own gradient and state and per-tensor scalars that depend on the step count only. tests/test_vectorized.py
@@ -72,7 +72,7 @@ def stacking_refusal(cfg: Config, spec: OptimizerSpec, device: torch.device) -> 
     if cfg.data.name == "function":
         return "a 2-D test function's model is the point itself, not an MLP"
     if cls not in elementwise_optimizers():
-        return f"{cls.__name__} is not on the elementwise list (optcli.vectorized.ELEMENTWISE)"
+        return f"{cls.__name__} is not on the elementwise list (optcli.engine.stacked.ELEMENTWISE)"
     if cfg.train.grad_clip is not None:
         return "train.grad_clip clips each model's global gradient norm"
     if cfg.model.batch_norm:

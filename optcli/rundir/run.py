@@ -14,15 +14,14 @@ from pathlib import Path
 
 import torch
 
-from optcli import distributed, signals
-from optcli.build import build_model_and_optimizer, torch_settings
 from optcli.config import Config, load_config, to_yaml
-from optcli.distributed import SINGLE, Dist
-from optcli.dynamics import epoch_callbacks
-from optcli.errors import RunInterrupted, SystemRefused, UserError
-from optcli.loggers import check_loggers, make_loggers
-from optcli.model import check_model_config, resolve_device
-from optcli.optim import (
+from optcli.engine import distributed
+from optcli.engine.build import build_model_and_optimizer, torch_settings
+from optcli.engine.distributed import SINGLE, Dist
+from optcli.engine.dynamics import epoch_callbacks
+from optcli.engine.loop import History, check_closure_settings, check_precision, fit, grad_scaler
+from optcli.engine.model import check_model_config, resolve_device
+from optcli.engine.optimizers import (
     SCHEDULE_LENGTH_KWARGS,
     check_optimizer,
     check_scheduler,
@@ -31,9 +30,9 @@ from optcli.optim import (
     scheduler_classes,
     signature_defaults,
 )
-from optcli.provenance import provenance
-from optcli.run_files import FORMAT_VERSION
-from optcli.runs import (
+from optcli.errors import RunInterrupted, SystemRefused, UserError
+from optcli.rundir import signals
+from optcli.rundir.files import (
     RunLock,
     atomic_write_files,
     atomic_write_text,
@@ -45,9 +44,11 @@ from optcli.runs import (
     load_checkpoint,
     remove_stale_temp_files,
 )
+from optcli.rundir.loggers import check_loggers, make_loggers
+from optcli.rundir.provenance import provenance
+from optcli.rundir.schema import FORMAT_VERSION
 from optcli.tasks import load_data
 from optcli.tasks.regression import loss_floor
-from optcli.train import History, check_closure_settings, check_precision, fit, grad_scaler
 
 CHECKPOINT_INTERVAL_S = 1.0  # last.pt is rewritten at most this often (and always after the final epoch)
 # what may change on --resume without changing what the saved state means: where the files go, how the run is

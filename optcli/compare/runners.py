@@ -21,13 +21,13 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from optcli import signals
-from optcli.build import build_model_and_optimizer, seed_torch
 from optcli.config import Config, OptimizerConfig, optimizer_config
-from optcli.dynamics import epoch_callbacks
+from optcli.engine.build import build_model_and_optimizer, seed_torch
+from optcli.engine.dynamics import epoch_callbacks
+from optcli.engine.loop import History, fit
 from optcli.errors import UserError
+from optcli.rundir import signals
 from optcli.tasks import Data
-from optcli.train import History, fit
 
 
 @dataclass
@@ -134,7 +134,7 @@ def _init_worker(cfg_json: dict, threads: int) -> None:
 
     import torch
 
-    from optcli.model import resolve_device
+    from optcli.engine.model import resolve_device
     from optcli.tasks import load_data
 
     cfg = Config.model_validate(cfg_json)
@@ -214,7 +214,7 @@ def _ray_trial(cfg_json: dict, spec: OptimizerSpec, seed: int, threads: int) -> 
     """One trial in a Ray worker: the data are loaded once per worker process and config, as in a pool worker."""
     import torch
 
-    from optcli.model import resolve_device
+    from optcli.engine.model import resolve_device
     from optcli.tasks import load_data
 
     cfg = Config.model_validate(cfg_json)

@@ -1,0 +1,1 @@
+"""Comparisons: optimizer specs, trials and their runners, tuning, several tasks, merge, statistics and profiles."""

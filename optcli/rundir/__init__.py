@@ -1,0 +1,1 @@
+"""One run on disk: the run itself (build, fit, save, resume), its files, lock, signals, loggers and provenance."""
