@@ -44,7 +44,7 @@ def test_built_in_tasks_train_to_their_pinned_losses(task, repo_root, tmp_path):
         rows = list(csv.DictReader(f))
     got = [(float(r["train_loss"]), float(r["val_loss"]) if r["val_loss"] else None) for r in rows]
     assert len(got) == len(PINNED[task])
-    for (train, val), (want_train, want_val) in zip(got, PINNED[task]):
+    for (train, val), (want_train, want_val) in zip(got, PINNED[task], strict=True):
         assert train == pytest.approx(want_train, rel=1e-3)
         assert (val is None) == (want_val is None)
         if val is not None:
