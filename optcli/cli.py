@@ -7,11 +7,14 @@ import errno
 import functools
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
+
+from optcli.errors import RunInterrupted, UserError, one_line
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -44,8 +47,25 @@ def main(
     _version_flag: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print optcli's version and exit."
     ),
+    debug: bool = typer.Option(
+        False, "--debug", help="Show the traceback of any error, a user's mistake included (or OPTCLI_DEBUG=1)."
+    ),
 ) -> None:
     """Train small PyTorch networks and compare optimizers fairly."""
+    global _debug
+    _debug = debug
+
+
+_debug = False  # --debug of this invocation, set by main before any command runs
+
+# What a user or their machine causes (a path, a permission, a full or read-only disk, a closed pipe): one line.
+# Any other OSError is a bug, and its traceback is what tells where.
+USER_ERRNOS = frozenset(
+    code
+    for name in "ENOENT ENOTDIR EISDIR EEXIST ENAMETOOLONG ELOOP EACCES EPERM EROFS ETXTBSY EBUSY ENOSPC EDQUOT EFBIG "
+    "EPIPE EIO".split()
+    if (code := getattr(errno, name, None)) is not None  # EDQUOT and ETXTBSY are not on every platform
+)
 
 
 def user_errors(command: Callable) -> Callable:
@@ -53,28 +73,40 @@ def user_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from optcli.errors import RunInterrupted, UserError, one_line
-
         try:
             result = command(*args, **kwargs)
             sys.stdout.flush()  # stdout on a full device fails here, while the error can still be reported
             return result
-        except UserError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(exc.exit_code) from None
-        except RunInterrupted as exc:
-            typer.echo(f"\n{exc}", err=True)
-            raise typer.Exit(exc.exit_code) from None
-        except BrokenPipeError:  # the reader went away (optcli ... | head -1): end quietly, as Rich does
-            _drop_stdout()  # nothing more goes to the closed pipe
-            raise typer.Exit(1) from None
-        except OSError as exc:  # the operating system said no where no core function named the path: stdout
-            where = exc.filename or ("stdout" if exc.errno in (errno.ENOSPC, errno.EIO) else "optcli")
-            typer.echo(one_line(f"error: {where}: {exc.strerror or exc}"), err=True)
-            _drop_stdout()
-            raise typer.Exit(1) from None
+        except (UserError, RunInterrupted, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno not in USER_ERRNOS:
+                raise
+            if debugging():
+                typer.echo(traceback.format_exc(), err=True, nl=False)
+            raise typer.Exit(report_error(exc)) from None
 
     return wrapper
+
+
+def debugging() -> bool:
+    """--debug on the command line, or OPTCLI_DEBUG set to anything but 0."""
+    return _debug or os.environ.get("OPTCLI_DEBUG", "0") not in ("", "0")
+
+
+def report_error(exc: UserError | RunInterrupted | OSError) -> int:
+    """One line on stderr for an error the user can act on; its exit code."""
+    if isinstance(exc, UserError):
+        typer.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    if isinstance(exc, RunInterrupted):
+        typer.echo(f"\n{exc}", err=True)
+        return exc.exit_code
+    _drop_stdout()  # nothing more goes to a closed pipe or a full device
+    if isinstance(exc, BrokenPipeError):  # the reader went away (optcli ... | head -1): end quietly, as Rich does
+        return 1
+    # the operating system said no where no core function named the path: stdout
+    where = exc.filename or ("stdout" if exc.errno in (errno.ENOSPC, errno.EIO) else "optcli")
+    typer.echo(one_line(f"error: {where}: {exc.strerror or exc}"), err=True)
+    return 1
 
 
 def _drop_stdout() -> None:

@@ -1,5 +1,6 @@
 """The command-line grammar shared by every command: options, run names, terminal widths, pipes."""
 
+import errno
 import json
 import os
 import re
@@ -105,3 +106,68 @@ def test_tables_keep_names_and_numbers_whole_at_narrow_widths(width, repo_root):
     assert compare.exit_code == 0, compare.output
     assert all(len(line) <= width for line in compare.stdout.splitlines())
     assert "…" not in compare.stdout and "sgd:lr=0.01,momentum=0.9" in _rendered_cells(compare.stdout)
+
+
+# --- the error boundary: a user's mistake is one line, a bug keeps its traceback ---------------------------------
+
+
+def _optimizers_raising(monkeypatch, exc: BaseException) -> None:
+    def broken():
+        raise exc
+
+    monkeypatch.setattr("optcli.engine.optimizers.list_optimizers", broken)
+
+
+@pytest.mark.parametrize(
+    ("exc", "line"),
+    [
+        (PermissionError(errno.EACCES, "Permission denied", "runs/x"), "error: runs/x: Permission denied"),
+        (OSError(errno.ENOSPC, "No space left on device"), "error: stdout: No space left on device"),
+        (OSError(errno.EROFS, "Read-only file system", "runs"), "error: runs: Read-only file system"),
+        (IsADirectoryError(errno.EISDIR, "Is a directory", "c.yaml"), "error: c.yaml: Is a directory"),
+    ],
+)
+def test_an_os_error_the_user_causes_is_one_line_and_exit_1(monkeypatch, exc, line):
+    _optimizers_raising(monkeypatch, exc)
+    result = cli("optimizers")
+    assert result.exit_code == 1 and result.output.splitlines() == [line]
+
+
+@pytest.mark.parametrize("exc", [OSError(errno.EBADF, "Bad file descriptor"), OSError("no errno"), RuntimeError("bug")])
+def test_an_unexpected_error_is_not_turned_into_a_line(monkeypatch, exc):
+    _optimizers_raising(monkeypatch, exc)
+    result = cli("optimizers")
+    assert result.exit_code == 1 and result.exception is exc  # it leaves the command, for Python to print
+    assert "error:" not in result.output
+
+
+def test_an_unexpected_os_error_prints_its_traceback():
+    code = (
+        "import errno, optcli.engine.optimizers as o\n"
+        "def broken(): raise OSError(errno.EBADF, 'Bad file descriptor')\n"
+        "o.list_optimizers = broken\n"
+        "from optcli.cli import app\n"
+        "app(['optimizers'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback (most recent call last)" in proc.stderr and "in broken" in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "OSError: [Errno 9] Bad file descriptor"
+
+
+@pytest.mark.parametrize("how", ["env", "option"])
+def test_debug_shows_the_traceback_of_a_user_error_too(monkeypatch, how):
+    if how == "env":
+        monkeypatch.setenv("OPTCLI_DEBUG", "1")
+    result = cli(*(["--debug"] if how == "option" else []), "train", "--set", "no_such_key=1")
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert lines[0] == "Traceback (most recent call last):" and "load_config" in result.output
+    assert lines[-1] == "error: --set no_such_key=1: unknown key 'no_such_key'" and len(lines) > 3
+
+
+def test_without_debug_a_user_error_is_one_line(monkeypatch):
+    monkeypatch.setenv("OPTCLI_DEBUG", "0")
+    result = cli("train", "--set", "no_such_key=1")
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert result.output.startswith("error: --set no_such_key=1: unknown key")
