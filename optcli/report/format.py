@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -44,7 +45,7 @@ def nbytes(value: float | None) -> str:
 SPARKS = "▁▂▃▄▅▆▇█"
 
 
-def sparkline(values: list[float | None], width: int = 40) -> str:
+def sparkline(values: Sequence[float | None], width: int = 40) -> str:
     """Loss curves span orders of magnitude, so the line is drawn on a log scale."""
     pts = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
     if not pts:

@@ -4,18 +4,23 @@ Names and numbers never break mid-word (report/layout.py): only free-text column
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.table import Table
 
 from optcli.report.console import console
 from optcli.report.format import fmt
 from optcli.report.layout import Col, fitted_table
 
+if TYPE_CHECKING:
+    from optcli.inspection import Inspection
+
 
 def _shape(shape: list[int]) -> str:
     return "×".join(map(str, shape)) or "scalar"
 
 
-def params_table(r) -> Table:
+def params_table(inspection: Inspection) -> Table:
     cols = [
         Col("name", "name", 1000),
         Col("shape", "name", 900),
@@ -35,24 +40,24 @@ def params_table(r) -> Table:
             "[green]trainable[/]" if p["requires_grad"] else "[yellow]frozen[/]",
             *(fmt(p[k], 3) for k in ("mean", "std", "min", "max")),
         ]
-        for p in r.params
+        for p in inspection.params
     ]
-    table = fitted_table(f"Parameters ({r.source})", cols, rows)
+    table = fitted_table(f"Parameters ({inspection.source})", cols, rows)
     note = "grad: requires_grad True (trainable) or False (frozen)"
     table.caption = f"{note}; {table.caption}" if table.caption else note
     return table
 
 
-def state_dict_table(r) -> Table:
+def state_dict_table(inspection: Inspection) -> Table:
     cols = [Col("key", "name", 1000), Col("kind", "name", 900), Col("shape", "name", 800), Col("dtype", "name", 700)]
     rows = [
         [e["key"], e["kind"] if e["kind"] == "parameter" else f"[cyan]{e['kind']}[/]", _shape(e["shape"]), e["dtype"]]
-        for e in r.state_dict
+        for e in inspection.state_dict
     ]
     return fitted_table("state_dict: what model.state_dict() saves", cols, rows)
 
 
-def groups_table(r) -> Table:
+def groups_table(inspection: Inspection) -> Table:
     cols = [Col("group", "num", 1000), Col("hyperparameters", "text", 900), Col("parameters held", "text", 800)]
     rows = [
         [
@@ -60,12 +65,12 @@ def groups_table(r) -> Table:
             ", ".join(f"{k}={v}" for k, v in g["hyperparameters"].items()),
             ", ".join(g["params"]) + f" ({g['numel']:,} elements)",
         ]
-        for g in r.groups
+        for g in inspection.groups
     ]
-    return fitted_table(f"{r.optimizer}: param_groups", cols, rows)
+    return fitted_table(f"{inspection.optimizer}: param_groups", cols, rows)
 
 
-def optimizer_state_table(r) -> Table:
+def optimizer_state_table(inspection: Inspection) -> Table:
     cols = [
         Col("parameter", "name", 1000),
         Col("key", "name", 900),
@@ -74,12 +79,12 @@ def optimizer_state_table(r) -> Table:
     ]
     rows = [
         [s["param"], s["key"], _shape(s["shape"]), fmt(s["norm"]) if s["norm"] is not None else fmt(s["value"])]
-        for s in r.optimizer_state
+        for s in inspection.optimizer_state
     ]
-    return fitted_table(f"{r.optimizer}: per-parameter state (optimizer.state)", cols, rows)
+    return fitted_table(f"{inspection.optimizer}: per-parameter state (optimizer.state)", cols, rows)
 
 
-def modes_table(r) -> Table:
+def modes_table(inspection: Inspection) -> Table:
     cols = [
         Col("module", "name", 1000),
         Col("type", "name", 900),
@@ -87,12 +92,11 @@ def modes_table(r) -> Table:
         Col("in train()", "text", 700),
         Col("in eval()", "text", 700),
     ]
-    rows = [[m["name"], m["type"], str(m["training"]), m["train"], m["eval"]] for m in r.modes["modules"]]
+    rows = [[m["name"], m["type"], str(m["training"]), m["train"], m["eval"]] for m in inspection.modes["modules"]]
     return fitted_table("Modules that behave differently under train() and eval()", cols, rows)
 
 
-def step_table(r) -> Table:
-    s = r.step
+def step_table(step: dict) -> Table:
     cols = [
         Col("parameter", "name", 1000),
         Col("grad norm", "num", 900),
@@ -106,15 +110,15 @@ def step_table(r) -> Table:
             fmt(p["update_norm"]),
             "yes" if p["changed"] else "no",
         ]
-        for p in s["params"]
+        for p in step["params"]
     ]
     return fitted_table(
-        f"One step on a batch of {s['batch_size']} (loss {fmt(s['loss'])}): backward() then step()", cols, rows
+        f"One step on a batch of {step['batch_size']} (loss {fmt(step['loss'])}): backward() then step()", cols, rows
     )
 
 
-def linkage_lines(r) -> list[str]:
-    link = r.linkage
+def linkage_lines(inspection: Inspection) -> list[str]:
+    link = inspection.linkage
     if link["ok"]:
         return [
             f"[green]linkage ok[/]: the optimizer holds all {link['trainable']} trainable parameters of the model, "
@@ -127,15 +131,15 @@ def _numbers(xs: list[float]) -> str:
     return "[" + ", ".join(f"{x:.6g}" for x in xs) + "]"
 
 
-def step_lines(r) -> list[str]:
-    rule, acc = r.step["sgd_rule"], r.step["accumulation"]
+def step_lines(step: dict, *, optimizer: str, lr: float | None) -> list[str]:
+    """The SGD rule checked number by number, and what a second backward() without zero_grad() does."""
+    rule, acc = step["sgd_rule"], step["accumulation"]
     if rule["applies"]:
         verdict = "[green]holds[/]" if rule["holds"] else "[red]does NOT hold[/]"
         lines = [f"SGD rule w ← w − lr·grad {verdict}: max |w_new − (w − lr·grad)| = {rule['max_abs_error']:.3g}"]
     else:
         lines = [f"SGD rule check: {rule['why']}"]
-    lr = r.groups[0]["hyperparameters"].get("lr") if r.groups else None
-    for p in r.step["params"]:
+    for p in step["params"]:
         v = p.get("values")
         if v and v["grad"] is not None:
             if rule["applies"]:
@@ -146,7 +150,7 @@ def step_lines(r) -> list[str]:
             else:
                 lines.append(
                     f"{p['name']}: {_numbers(v['before'])} with dy/d{p['name']} = {_numbers(v['grad'])} "
-                    f"→ {_numbers(v['after'])} after {r.optimizer}.step()"
+                    f"→ {_numbers(v['after'])} after {optimizer}.step()"
                 )
     lines.append(
         f"second backward() without zero_grad(): grad norm × {acc['grad_norm_ratio_min']:.6g}"
@@ -156,32 +160,35 @@ def step_lines(r) -> list[str]:
     return lines
 
 
-def print_inspection(r) -> None:
-    console.print(params_table(r))
+def print_inspection(inspection: Inspection) -> None:
+    console.print(params_table(inspection))
+    totals = inspection.totals
     console.print(
-        f"trainable {r.totals['trainable']:,} · frozen {r.totals['frozen']:,} · total {r.totals['total']:,} elements"
+        f"trainable {totals['trainable']:,} · frozen {totals['frozen']:,} · total {totals['total']:,} elements"
     )
-    console.print(state_dict_table(r))
-    console.print(groups_table(r))
-    if r.optimizer_state:
-        console.print(optimizer_state_table(r))
+    console.print(state_dict_table(inspection))
+    console.print(groups_table(inspection))
+    if inspection.optimizer_state:
+        console.print(optimizer_state_table(inspection))
     else:
-        console.print(f"{r.optimizer}: per-parameter state is empty (it is created by the first step())")
-    for line in linkage_lines(r):
+        console.print(f"{inspection.optimizer}: per-parameter state is empty (it is created by the first step())")
+    for line in linkage_lines(inspection):
         console.print(line)
-    console.print(f"mode: model.training = {r.modes['training']} ({'train()' if r.modes['training'] else 'eval()'})")
-    if r.optimizer_mode is not None:
+    training = inspection.modes["training"]
+    console.print(f"mode: model.training = {training} ({'train()' if training else 'eval()'})")
+    if inspection.optimizer_mode is not None:
         console.print(
-            f"optimizer mode: {r.optimizer_mode} ({r.optimizer} has train()/eval(): it holds other weights for "
-            f"training than for evaluation, and optcli switches it with the model)"
+            f"optimizer mode: {inspection.optimizer_mode} ({inspection.optimizer} has train()/eval(): it holds other "
+            f"weights for training than for evaluation, and optcli switches it with the model)"
         )
-    if r.modes["modules"]:
-        console.print(modes_table(r))
+    if inspection.modes["modules"]:
+        console.print(modes_table(inspection))
     else:
         console.print("no module behaves differently under train() and eval() (no Dropout, no BatchNorm)")
-    if r.step:
-        console.print(step_table(r))
-        for line in step_lines(r):
+    if inspection.step:
+        console.print(step_table(inspection.step))
+        lr = inspection.groups[0]["hyperparameters"].get("lr") if inspection.groups else None
+        for line in step_lines(inspection.step, optimizer=inspection.optimizer, lr=lr):
             console.print(line)
-    for note in r.notes:
+    for note in inspection.notes:
         console.print(f"note: {note}")

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, TypeVar
+
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from optcli.report.console import err_console
 from optcli.report.format import fmt
+
+if TYPE_CHECKING:
+    from optcli.engine.loop import History
+    from optcli.tasks import Data
 
 
 def progress_bar(transient: bool = False) -> Progress:
@@ -21,20 +29,24 @@ def progress_bar(transient: bool = False) -> Progress:
     )
 
 
+P = TypeVar("P", bound="LazyProgress")
+
+
 class LazyProgress:
     """A Rich progress display that appears only once work starts, so an input error prints one clean line."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.progress = progress_bar()
         self.started = False
 
-    def __enter__(self):
+    def __enter__(self: P) -> P:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self.started:
             self.progress.stop()
-        return False
 
     def begin(self) -> None:
         if not self.started:
@@ -45,19 +57,19 @@ class LazyProgress:
 class TrainProgress(LazyProgress):
     """A progress bar over epochs (and the batches of the current one), fed by the training callbacks."""
 
-    def __init__(self, epochs: int):
+    def __init__(self, epochs: int) -> None:
         super().__init__()
         self.epoch_task = self.progress.add_task("epochs", total=epochs, info="")  # shown once begin() runs
         self.batch_task = self.progress.add_task("batches", total=None, info="")
 
-    def start(self, run_dir, start_epoch: int, data) -> None:
+    def start(self, run_dir: Path | None, start_epoch: int, data: Data) -> None:
         self.begin()
         self.progress.update(self.epoch_task, completed=start_epoch - 1)
 
-    def batch(self, epoch: int, i: int, n: int) -> None:
-        self.progress.update(self.batch_task, completed=i, total=n, description=f"epoch {epoch}")
+    def batch(self, epoch: int, done: int, batches: int) -> None:
+        self.progress.update(self.batch_task, completed=done, total=batches, description=f"epoch {epoch}")
 
-    def epoch(self, history) -> None:
+    def epoch(self, history: History) -> None:
         e = history.epochs[-1]
         info = f"train {fmt(e.train_loss)}" + (f"  val {fmt(e.val_loss)}" if e.val_loss is not None else "")
         self.progress.update(self.epoch_task, completed=e.epoch, info=info)
@@ -66,7 +78,7 @@ class TrainProgress(LazyProgress):
 class CompareProgress(LazyProgress):
     """One bar over all (optimizer, seed) trials, and one over the epochs of the trial under way."""
 
-    def __init__(self, epochs: int):
+    def __init__(self, epochs: int) -> None:
         super().__init__()
         self.trials = self.progress.add_task("trials", total=None, info="")  # shown once begin() runs
         self.current = self.progress.add_task("epochs", total=epochs, info="")
@@ -78,11 +90,11 @@ class CompareProgress(LazyProgress):
     def trial_start(self, label: str, seed: int) -> None:
         self.progress.update(self.current, completed=0, description=f"{label} seed {seed}", info="")
 
-    def epoch(self, history) -> None:
+    def epoch(self, history: History) -> None:
         e = history.epochs[-1]
         self.progress.update(
             self.current, completed=e.epoch, info=f"loss {fmt(e.val_loss if e.val_loss is not None else e.train_loss)}"
         )
 
-    def trial_done(self, label: str, seed: int, history) -> None:
+    def trial_done(self, label: str, seed: int, history: History) -> None:
         self.progress.update(self.trials, advance=1, info=f"{label} seed {seed}: {history.status}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
@@ -10,8 +11,14 @@ from optcli.report.console import console
 from optcli.report.format import fmt, mean_pm, nbytes, pct, sparkline
 from optcli.report.layout import Col, fitted_table
 
+if TYPE_CHECKING:
+    from optcli.compare.comparison import Comparison
+    from optcli.engine.loop import History
+    from optcli.lr_find import LrFindResult
+    from optcli.rundir.run import TrainResult
 
-def epochs_table(history, every: int = 0, title: str = "Per-epoch metrics") -> Table:
+
+def epochs_table(history: History, every: int = 0, title: str = "Per-epoch metrics") -> Table:
     rows = history.epochs
     every = every or max(1, math.ceil(len(rows) / 20))  # about 20 rows, as the tutorial prints every 100th step
     has_val = any(e.val_loss is not None for e in rows)
@@ -35,7 +42,7 @@ def epochs_table(history, every: int = 0, title: str = "Per-epoch metrics") -> T
     return table
 
 
-def print_train_result(result, every: int = 0) -> None:
+def print_train_result(result: TrainResult, every: int = 0) -> None:
     h, s = result.history, result.summary
     console.print(epochs_table(h, every))
     status = {
@@ -83,8 +90,8 @@ def optimizers_table(rows: list[dict]) -> Table:
     return table
 
 
-def comparison_table(c) -> Table:
-    classify = c.task == "classification"
+def comparison_table(comparison: Comparison) -> Table:
+    classify = comparison.task == "classification"
     # (key, header, lower is better, as a percentage, priority when the terminal is narrow)
     metrics = [
         ("final_train_loss", "final train loss", True, False, 600),
@@ -92,40 +99,40 @@ def comparison_table(c) -> Table:
     ]
     if classify:
         metrics += [("val_accuracy", "val acc", False, True, 700), ("test_accuracy", "test acc", False, True, 650)]
-    if c.task == "function":
+    if comparison.task == "function":
         metrics += [
             ("final_value", "final f(x, y)", True, False, 750),
             ("distance_to_min", "distance to min", True, False, 700),
         ]
-    metrics = [m for m in metrics if any(r.get(m[0]) is not None for r in c.rows)]
+    metrics = [m for m in metrics if any(r.get(m[0]) is not None for r in comparison.rows)]
     cols = [Col("optimizer", "name", 1000), Col("hyperparameters", "text", 500)]
     cols += [Col(header, "num", priority) for _, header, _, _, priority in metrics]
-    floor = getattr(c, "loss_floor", None)
-    has_excess = floor is not None and any(r.get("excess_val_loss") is not None for r in c.rows)
+    floor = getattr(comparison, "loss_floor", None)
+    has_excess = floor is not None and any(r.get("excess_val_loss") is not None for r in comparison.rows)
     if has_excess:
         cols.append(Col(f"excess val loss (floor {fmt(floor)})", "num", 550))
-    target = getattr(c, "target", None)
+    target = getattr(comparison, "target", None)
     if target:
         relation = ">=" if target["higher_is_better"] else "<="
         cols.append(Col(f"to {target['metric']} {relation} {target['value']:g}", "text", 850))
     cols += [Col("epochs to best", "num", 300), Col("s/epoch", "num", 200)]
-    has_state = any(r.get("state_bytes") is not None for r in c.rows)
+    has_state = any(r.get("state_bytes") is not None for r in comparison.rows)
     if has_state:
         cols.append(Col("optimizer state", "num", 250))
     cols.append(Col("status", "text", 900))
     best = {}
     for key, _, lower, _, _ in metrics:
-        done = [r for r in c.rows if r.get(key) is not None]
+        done = [r for r in comparison.rows if r.get(key) is not None]
         if done:
             best[key] = (min if lower else max)(done, key=lambda r: r[key])["label"]
     rows = []
-    for r in c.rows:
+    for r in comparison.rows:
         cells = [r["label"], ", ".join(f"{k}={v}" for k, v in r["hyperparameters"].items()) or "defaults"]
         for key, _, _, as_pct, _ in metrics:
             text = mean_pm(r.get(key), r.get(key + "_std"), as_pct)
             cells.append(f"[bold green]{text}[/]" if best.get(key) == r["label"] else text)
         cells += [fmt(r.get("excess_val_loss"))] if has_excess else []
-        cells += [target_cell(r, len(c.seeds))] if target else []
+        cells += [target_cell(r, len(comparison.seeds))] if target else []
         cells += [mean_pm(r["epochs_to_best"], r["epochs_to_best_std"]), fmt(r["seconds_per_epoch"], 3)]
         cells += [nbytes(r.get("state_bytes"))] if has_state else []
         status = r["status"]
@@ -135,33 +142,39 @@ def comparison_table(c) -> Table:
         status += "".join(f" (seed {f['seed']} failed: {f['error']})" for f in failed)
         cells.append(f"[red]{status}[/]" if r["diverged_at"] or failed else status)
         rows.append(cells)
-    title = f"Optimizers over {len(c.seeds)} seed(s) {c.seeds}, {c.epochs} epochs (mean ± std)"
+    title = (
+        f"Optimizers over {len(comparison.seeds)} seed(s) {comparison.seeds}, {comparison.epochs} epochs (mean ± std)"
+    )
     return fitted_table(title, cols, rows)
 
 
-def target_cell(r: dict, n: int) -> str:
+def target_cell(row: dict, seeds: int) -> str:
     """Time to target over the seeds that met it: epochs, optimizer steps and training seconds, and how many."""
-    if not r.get("target_reached"):
-        return f"not reached (0/{n})"
+    if not row.get("target_reached"):
+        return f"not reached (0/{seeds})"
     return (
-        f"epoch {mean_pm(r['target_epoch'], r['target_epoch_std'])}, "
-        f"{mean_pm(r['target_steps'], r['target_steps_std'])} steps, "
-        f"{mean_pm(r['target_seconds'], r['target_seconds_std'])} s, reached {r['target_reached']}/{n}"
+        f"epoch {mean_pm(row['target_epoch'], row['target_epoch_std'])}, "
+        f"{mean_pm(row['target_steps'], row['target_steps_std'])} steps, "
+        f"{mean_pm(row['target_seconds'], row['target_seconds_std'])} s, reached {row['target_reached']}/{seeds}"
     )
 
 
-def curve_table(c, max_rows: int = 30) -> Table:
+def curve_table(comparison: Comparison, max_rows: int = 30) -> Table:
     """Validation loss per epoch, one column per optimizer, best per row highlighted; sparklines when long."""
-    kind = "val_loss" if any(p[0] is not None for cur in c.curves.values() for p in cur["val_loss"]) else "train_loss"
+    kind = (
+        "val_loss"
+        if any(p[0] is not None for cur in comparison.curves.values() for p in cur["val_loss"])
+        else "train_loss"
+    )
     title = ("validation" if kind == "val_loss" else "training") + " loss per epoch (mean over seeds)"
-    labels = [s.label for s in c.specs]
-    if c.epochs > max_rows:
+    labels = [s.label for s in comparison.specs]
+    if comparison.epochs > max_rows:
         table = Table(title=title + ", log scale")
         table.add_column("optimizer")
-        table.add_column(f"epochs 1 → {c.epochs}")
+        table.add_column(f"epochs 1 → {comparison.epochs}")
         table.add_column("last", justify="right")
         for label in labels:
-            means = [p[0] for p in c.curves[label][kind]]
+            means = [p[0] for p in comparison.curves[label][kind]]
             last = next((v for v in reversed(means) if v is not None), None)
             table.add_row(label, sparkline(means), fmt(last))
         return table
@@ -169,8 +182,8 @@ def curve_table(c, max_rows: int = 30) -> Table:
     table.add_column("epoch", justify="right")
     for label in labels:
         table.add_column(label, justify="right")
-    for e in range(c.epochs):
-        values = {label: c.curves[label][kind][e][0] for label in labels}
+    for e in range(comparison.epochs):
+        values = {label: comparison.curves[label][kind][e][0] for label in labels}
         finite = [v for v in values.values() if v is not None]
         low = min(finite) if finite else None
         table.add_row(
@@ -180,62 +193,63 @@ def curve_table(c, max_rows: int = 30) -> Table:
     return table
 
 
-def print_comparison(c) -> None:
-    if c.tuning:
+def print_comparison(comparison: Comparison) -> None:
+    if comparison.tuning:
         from optcli.report.tuning import print_tuning
 
-        print_tuning(c.tuning, console)
-    for note in c.notes:
+        print_tuning(comparison.tuning, console)
+    for note in comparison.notes:
         console.print(f"[yellow]{note}[/]")
-    console.print(comparison_table(c))
-    console.print(curve_table(c))
+    console.print(comparison_table(comparison))
+    console.print(curve_table(comparison))
     console.print("[bold]Verdict[/]")
-    for v in c.verdicts:
+    for v in comparison.verdicts:
         console.print(f"  {v['name']}: {v['text']}")
-    if not c.verdicts:
+    if not comparison.verdicts:
         console.print("  fewer than two optimizers completed every seed: no verdict")
-    for warning in getattr(c, "warnings", []):
+    for warning in getattr(comparison, "warnings", []):
         console.print(f"[yellow]warning:[/] {warning}")
-    outside = c.wall_seconds - c.epoch_seconds / c.jobs
-    if c.wall_seconds:
+    outside = comparison.wall_seconds - comparison.epoch_seconds / comparison.jobs
+    if comparison.wall_seconds:
         console.print(
-            f"wall time {c.wall_seconds:.1f} s ({c.epoch_seconds:.1f} s inside training epochs"
-            + (f", {c.jobs} jobs" if c.jobs > 1 else f", {max(outside, 0):.1f} s outside")
+            f"wall time {comparison.wall_seconds:.1f} s ({comparison.epoch_seconds:.1f} s inside training epochs"
+            + (f", {comparison.jobs} jobs" if comparison.jobs > 1 else f", {max(outside, 0):.1f} s outside")
             + ")"
         )
-    console.print(f"files: {c.run_dir}")
+    console.print(f"files: {comparison.run_dir}")
 
 
-def lr_find_table(r, rows: int = 12) -> Table:
+def lr_find_table(result: LrFindResult, rows: int = 12) -> Table:
     """About `rows` points of the range test, evenly spaced in steps, the suggested one highlighted."""
-    table = Table(title=f"lr range test: {r.optimizer}, lr {fmt(r.min_lr, 2)}→{fmt(r.max_lr, 2)}")
+    table = Table(title=f"lr range test: {result.optimizer}, lr {fmt(result.min_lr, 2)}→{fmt(result.max_lr, 2)}")
     table.add_column("step", justify="right")
     table.add_column("lr", justify="right")
     table.add_column("loss", justify="right")
     table.add_column("smoothed", justify="right")
-    n = len(r.smoothed)
-    shown = sorted({round(i * (n - 1) / max(1, rows - 1)) for i in range(rows)} | {r.suggestion_index} - {None})
+    n = len(result.smoothed)
+    suggested = {result.suggestion_index} if result.suggestion_index is not None else set()
+    shown = sorted({round(i * (n - 1) / max(1, rows - 1)) for i in range(rows)} | suggested)
     for i in shown if n else []:
-        cells = [str(i + 1), fmt(r.lrs[i], 3), fmt(r.losses[i]), fmt(r.smoothed[i])]
-        table.add_row(*([f"[bold green]{c}[/]" for c in cells] if i == r.suggestion_index else cells))
+        cells = [str(i + 1), fmt(result.lrs[i], 3), fmt(result.losses[i]), fmt(result.smoothed[i])]
+        table.add_row(*([f"[bold green]{c}[/]" for c in cells] if i == result.suggestion_index else cells))
     # clipped at the starting loss so that the final blow-up does not flatten the rest of the curve
-    clipped = [min(v, r.smoothed[0]) for v in r.smoothed] if n else []
+    clipped = [min(v, result.smoothed[0]) for v in result.smoothed] if n else []
     table.caption = "smoothed loss (log): " + sparkline(clipped, width=25)
     return table
 
 
-def print_lr_find(r) -> None:
-    console.print(lr_find_table(r))
+def print_lr_find(result: LrFindResult) -> None:
+    console.print(lr_find_table(result))
     why = (
         "steepest descent of the smoothed loss per decade of lr"
-        if r.rule == "steepest"
+        if result.rule == "steepest"
         else "the lr of the lowest smoothed loss, divided by 10"
     )
-    stop = "the loss diverged" if r.stopped == "diverged" else "it reached the maximum lr"
-    console.print(f"{len(r.smoothed)}/{r.steps} steps; stopped because {stop}; {r.seconds:.1f} s")
-    if r.suggestion is None:
+    stop = "the loss diverged" if result.stopped == "diverged" else "it reached the maximum lr"
+    console.print(f"{len(result.smoothed)}/{result.steps} steps; stopped because {stop}; {result.seconds:.1f} s")
+    if result.suggestion is None:
         console.print("[yellow]no suggestion[/]: the curve is too short or never falls (widen --min-lr/--max-lr)")
     else:
-        console.print(f"suggested lr: [bold]{r.suggestion:.3g}[/] ({why})")
-    if r.plot:
-        console.print(f"plot: {r.plot}")
+        console.print(f"suggested lr: [bold]{result.suggestion:.3g}[/] ({why})")
+    if result.plot:
+        console.print(f"plot: {result.plot}")

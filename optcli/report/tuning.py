@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+from rich.console import Console
 from rich.table import Table
 
 from optcli.report.format import fmt
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 SHORT = {"one_minus_momentum": "1-momentum", "weight_decay": "wd"}
 
@@ -66,58 +73,65 @@ def winners_table(tuning: dict) -> Table:
     return table
 
 
-def print_tuning(tuning: dict, console) -> None:
+def print_tuning(tuning: dict, console: Console) -> None:
     console.print(space_table(tuning))
     console.print(trials_table(tuning))
     console.print(winners_table(tuning))
 
 
-def save_tuning_plot(tuning: dict, path) -> None:
-    """tuning.png: per optimizer (a row), the validation loss of every trial against each hyperparameter
-    (log axes; failed trials as red crosses on the top edge), and the best-so-far against trials spent."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from optcli.rundir.files import atomic_write_bytes
+def tuning_figure(tuning: dict) -> Figure:
+    """Per optimizer (a row), the validation loss of every trial against each hyperparameter (log axes; failed
+    trials as red crosses on the top edge), and the best-so-far against trials spent."""
+    from optcli.report.plots import new_figure
 
     rows = list(tuning["optimizers"].items())
-    cols = 1 + max(len(t["space"]) for _, t in rows)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(3.2 * cols, 2.8 * len(rows)), squeeze=False)
-    for ax_row, (label, t) in zip(axes, rows, strict=True):
-        done = [r for r in t["trials"] if r["val_loss"] is not None]
-        failed = [r for r in t["trials"] if r["val_loss"] is None]
-        top = max((r["val_loss"] for r in done), default=1.0)
-        for ax, d in zip(ax_row, t["space"], strict=False):
-            ax.scatter([r["params"][d["name"]] for r in done], [r["val_loss"] for r in done], s=18)
-            if failed:
-                ax.scatter([r["params"][d["name"]] for r in failed], [top] * len(failed), marker="x", c="red", s=24)
-            if t["best"]:
-                ax.scatter([t["best"]["params"][d["name"]]], [t["best"]["val_loss"]], marker="*", c="gold", s=120)
-            ax.set_xscale("log" if d["log"] else "linear")
-            ax.set_xlim(d["low"] / 1.15, d["high"] * 1.15)
-            ax.set_yscale("log")
-            ax.set_xlabel(_short(d["name"]))
-            ax.set_ylabel(f"{label}\nval loss" if d is t["space"][0] else "")
-            ax.grid(True, which="both", alpha=0.3)
-        for ax in ax_row[len(t["space"]) : cols - 1]:
+    cols = 1 + max(len(tuned["space"]) for _, tuned in rows)
+    fig = new_figure((3.2 * cols, 2.8 * len(rows)))
+    axes = fig.subplots(len(rows), cols, squeeze=False)
+    for ax_row, (label, tuned) in zip(axes, rows, strict=True):
+        for ax, dim in zip(ax_row, tuned["space"], strict=False):
+            _draw_trials(ax, tuned, dim, label)
+        for ax in ax_row[len(tuned["space"]) : cols - 1]:
             ax.axis("off")
-        best, curve = math.inf, []
-        for r in sorted(t["trials"], key=lambda r: r["number"]):
-            best = min(best, r["val_loss"]) if r["val_loss"] is not None else best
-            curve.append(best if math.isfinite(best) else None)
-        ax = ax_row[-1]
-        ax.plot(range(1, len(curve) + 1), [float("nan") if c is None else c for c in curve], marker="o")
-        ax.set_xlabel("trials spent")
-        ax.set_ylabel("best val loss so far")
-        ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.3)
+        _draw_best_so_far(ax_row[-1], tuned["trials"])
     fig.suptitle(f"Tuning: {tuning['budget']} quasi-random trials per optimizer, validation loss")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    return fig
+
+
+def _draw_trials(ax: Axes, tuned: dict, dim: dict, label: str) -> None:
+    """The validation loss of every trial of one optimizer against one hyperparameter; the winner as a star."""
+    done = [r for r in tuned["trials"] if r["val_loss"] is not None]
+    failed = [r for r in tuned["trials"] if r["val_loss"] is None]
+    top = max((r["val_loss"] for r in done), default=1.0)
+    name = dim["name"]
+    ax.scatter([r["params"][name] for r in done], [r["val_loss"] for r in done], s=18)
+    if failed:
+        ax.scatter([r["params"][name] for r in failed], [top] * len(failed), marker="x", c="red", s=24)
+    if tuned["best"]:
+        ax.scatter([tuned["best"]["params"][name]], [tuned["best"]["val_loss"]], marker="*", c="gold", s=120)
+    ax.set_xscale("log" if dim["log"] else "linear")
+    ax.set_xlim(dim["low"] / 1.15, dim["high"] * 1.15)
+    ax.set_yscale("log")
+    ax.set_xlabel(_short(name))
+    ax.set_ylabel(f"{label}\nval loss" if dim is tuned["space"][0] else "")
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _draw_best_so_far(ax: Axes, trials: list[dict]) -> None:
+    best, curve = math.inf, []
+    for r in sorted(trials, key=lambda r: r["number"]):
+        best = min(best, r["val_loss"]) if r["val_loss"] is not None else best
+        curve.append(best if math.isfinite(best) else math.nan)
+    ax.plot(range(1, len(curve) + 1), curve, marker="o")
+    ax.set_xlabel("trials spent")
+    ax.set_ylabel("best val loss so far")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def save_tuning_plot(tuning: dict, path: Path) -> None:
+    """tuning.png of a tuned comparison."""
+    from optcli.report.plots import save_figure
+
+    save_figure(tuning_figure(tuning), path, dpi=100)
