@@ -221,9 +221,11 @@ def step_with_closure(optimizer: torch.optim.Optimizer, closure: Callable[[], to
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """'sgd:lr=0.1,momentum=0.9,nesterov=true' -> ('sgd', {...}); values parsed as YAML ('betas=[0.9,0.99]').
-    An import path keeps its colon: 'pkg.module:Class:lr=0.1' -> ('pkg.module:Class', {'lr': 0.1})."""
-    path = re.match(r"\s*([A-Za-z_][\w.]*\.[\w.]*:[A-Za-z_][\w.]*)\s*(?::|$)", spec)
-    if path:
+    An import path keeps its colon, as in optimizer.name: 'pkg.module:Class:lr=0.1' -> ('pkg.module:Class',
+    {'lr': 0.1}), and 'mymodule:Class' (a top-level module) alike; only a torch.optim name before the colon
+    ('adam:amsgrad') is read as a name and its keywords, so a keyword missing its '=' is named as such."""
+    path = re.match(r"\s*(([A-Za-z_][\w.]*):[A-Za-z_][\w.]*)\s*(?::|$)", spec)
+    if path and ("." in path.group(2) or path.group(2).lower() not in optimizer_classes()):
         name, rest = path.group(1), spec[path.end() :]
     else:
         name, _, rest = spec.partition(":")
