@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import difflib
 import math
-import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from optcli.errors import UserError
-from optcli.limits import MAX_CONFIG_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, read_bounded
+from optcli.limits import MAX_CONFIG_BYTES, read_bounded
+from optcli.safe_yaml import parse_yaml
 
 RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # a run directory's name: train, compare and merge
 RUN_NAME_RULE = (
@@ -27,94 +27,31 @@ RUN_NAME_RULE = (
 )
 
 
+SEED_MAX = 2**32 - 1  # numpy's seeds are in [0, 2**32 - 1]; torch's wider range would overflow other consumers
+SEED_RULE = f"must be an integer in [0, 2**32 - 1 = {SEED_MAX}] (numpy's seed range)"
+
+
+def _seed_in_range(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
+        raise ValueError(SEED_RULE)
+    return value
+
+
+Seed = Annotated[int, BeforeValidator(_seed_in_range)]
+
+
+def check_seed(value: object, where: str) -> int:
+    """A seed made outside the config (e.g. compare's seed + k - 1) held to the config's rule; `where` names it."""
+    try:
+        return int(_seed_in_range(value))
+    except ValueError:
+        raise UserError(f"{where}: {SEED_RULE} (got {shown_name(value)})") from None
+
+
 def shown_name(name: object) -> str:
     """A rejected name as an error line shows it: whole when short, else its start and its length."""
     text = repr(name)
     return text if len(text) <= 60 else f"{text[:50]}... ({len(str(name))} characters)"
-
-
-class YamlSafeLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that also reads 1e-3 as a float: PyYAML follows YAML 1.1, which wants 1.0e-3,
-    and a learning rate silently read as the string '1e-3' is a trap. Constructs no Python objects.
-
-    Bounded: nesting deeper than MAX_YAML_DEPTH stops composition before Python's recursion limit, and a document
-    of more than MAX_YAML_NODES nodes once every alias is expanded (an alias bomb) is refused before anything is
-    built from it; both errors carry the position and name the limit."""
-
-    _depth = 0
-
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
-        self._depth += 1
-        try:
-            if self._depth > MAX_YAML_DEPTH:
-                raise yaml.composer.ComposerError(
-                    None, None, f"nested deeper than {MAX_YAML_DEPTH} levels (the limit)", self.peek_event().start_mark
-                )
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-    def compose_document(self) -> yaml.Node | None:
-        node = super().compose_document()
-        if node is not None:
-            size, depth = expanded_size(node)
-            if size > MAX_YAML_NODES:
-                problem = f"more than {MAX_YAML_NODES} nodes once aliases are expanded (the limit; an alias bomb?)"
-                raise yaml.composer.ComposerError(None, None, problem, node.start_mark)
-            if depth > MAX_YAML_DEPTH:
-                problem = f"nested deeper than {MAX_YAML_DEPTH} levels once aliases are expanded (the limit)"
-                raise yaml.composer.ComposerError(None, None, problem, node.start_mark)
-        return node
-
-
-def _children(node: yaml.Node) -> list[yaml.Node]:
-    if isinstance(node, yaml.SequenceNode):
-        return list(node.value)
-    if isinstance(node, yaml.MappingNode):
-        return [n for pair in node.value for n in pair]
-    return []
-
-
-def expanded_size(root: yaml.Node) -> tuple[int, int]:
-    """(nodes, depth) of a composed YAML graph with every alias expanded, computed without expanding it: each
-    node is visited once (aliases share nodes), sizes saturate past the limit, and a cycle counts as too large."""
-    too_many = MAX_YAML_NODES + 1
-    memo: dict[int, tuple[int, int] | None] = {}  # None: under way (an ancestor on the current path)
-    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
-    while stack:
-        node, done = stack.pop()
-        kids = _children(node)
-        if done:
-            sizes = [memo[id(k)] or (too_many, too_many) for k in kids]
-            memo[id(node)] = (min(too_many, 1 + sum(s for s, _ in sizes)), 1 + max((d for _, d in sizes), default=0))
-            continue
-        if id(node) in memo:
-            continue
-        memo[id(node)] = None
-        stack.append((node, True))
-        for kid in kids:
-            if id(kid) in memo and memo[id(kid)] is None:
-                return too_many, too_many  # a recursive alias: infinite once expanded
-            stack.append((kid, False))
-    return memo[id(root)] or (too_many, too_many)
-
-
-YamlSafeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-    |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=YamlSafeLoader)
 
 
 ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "leaky_relu", "elu", "silu")
@@ -126,7 +63,7 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     name: Literal["mnist", "regression", "function"] = "regression"
-    seed: int = 0  # the synthetic data and the train/validation split; kept apart from the run's seed
+    seed: Seed = 0  # the synthetic data and the train/validation split; kept apart from the run's seed
     root: str = "data"  # torchvision root: MNIST lives in <root>/MNIST/raw
     download: bool = True  # fetch MNIST when it is missing
     batch_size: int = Field(64, gt=0)
@@ -251,7 +188,7 @@ class TuningConfig(Section):
 
 
 class Config(Section):
-    seed: int = 0
+    seed: Seed = 0
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     name: str | None = Field(None, pattern=RUN_NAME_PATTERN)  # run directory name
     out_dir: str = "runs"  # relative to the working directory; may not climb out of it
