@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -43,8 +44,9 @@ sys.path.insert(0, str(ROOT))
 
 from optcli.config import load_config  # noqa: E402
 from optcli.engine.build import build_model_and_optimizer, torch_settings  # noqa: E402
-from optcli.engine.loop import make_loss, train_one_epoch  # noqa: E402
-from optcli.tasks import epoch_permutation, load_data  # noqa: E402
+from optcli.engine.loop import grad_scaler, make_loss, train_one_epoch  # noqa: E402
+from optcli.engine.stepping import StepSettings, make_step  # noqa: E402
+from optcli.tasks import batches, epoch_permutation, load_data  # noqa: E402
 
 BATCH = 128
 results: list[tuple[str, float, float, bool]] = []  # (what, ratio, target, met)
@@ -97,15 +99,10 @@ def _time_epochs(cfg, epochs: int) -> list[float]:
     times = []
     for epoch in range(epochs + 1):  # epoch 0 is the warm-up
         t0 = time.perf_counter()
-        losses = train_one_epoch(
-            run_model,
-            optimizer,
-            loss_fn,
-            data.train,
-            batch_size=BATCH,
-            perm=epoch_permutation(len(data.train), 0, epoch, device),
-            precision=cfg.train.precision,
-        )
+        perm = epoch_permutation(len(data.train), 0, epoch, device)
+        settings = StepSettings(precision=cfg.train.precision)
+        step = make_step(run_model, optimizer, loss_fn, settings, grad_scaler(cfg.train.precision, device))
+        losses = train_one_epoch(step, batches(data.train, BATCH, perm), n_batches=math.ceil(len(data.train) / BATCH))
         losses.sum().item()  # the one host sync of the epoch
         times.append(time.perf_counter() - t0)
     return times[1:]

@@ -11,7 +11,7 @@ from optcli.compare.comparison import run_comparison
 from optcli.compare.stats import Target, parse_target, steps_to_target, time_to_target
 from optcli.config import load_config
 from optcli.engine.build import build_model_and_optimizer
-from optcli.engine.loop import EpochMetrics, History, fit
+from optcli.engine.loop import EpochMetrics, History, Training, fit
 from optcli.tasks import load_data
 from optcli.tasks.mnist import load_mnist
 from tests.conftest import assert_user_error, cli, mnist_args
@@ -99,7 +99,10 @@ def _lrs_by_step(sets: list[str]) -> tuple[list[float], object]:
     data = load_data(cfg.data, torch.device("cpu"))
     model, optimizer, scheduler = build_model_and_optimizer(cfg, data, torch.device("cpu"))
     lrs: list[float] = []
-    fit(cfg, model, optimizer, scheduler, data, on_batch=lambda e, i, n: lrs.append(optimizer.param_groups[0]["lr"]))
+    fit(
+        Training(cfg, model, optimizer, scheduler, data),
+        on_batch=lambda e, i, n: lrs.append(optimizer.param_groups[0]["lr"]),
+    )
     return lrs, cfg
 
 

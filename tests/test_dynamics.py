@@ -6,7 +6,7 @@ import torch
 from optcli.config import load_config
 from optcli.engine.build import build_model_and_optimizer
 from optcli.engine.dynamics import Dynamics
-from optcli.engine.loop import fit
+from optcli.engine.loop import Training, fit
 from optcli.tasks import load_data
 from tests.conftest import cli
 
@@ -20,7 +20,7 @@ def run(optimizer: str, epochs: int = 3, **kwargs):
     data = load_data(cfg.data, torch.device("cpu"))
     model, optimizer_, scheduler = build_model_and_optimizer(cfg, data, torch.device("cpu"))
     dynamics = Dynamics(model, optimizer_)
-    history = fit(cfg, model, optimizer_, scheduler, data, callbacks=[dynamics])
+    history = fit(Training(cfg, model, optimizer_, scheduler, data), callbacks=[dynamics])
     dynamics.close()
     return model, history
 

@@ -6,7 +6,7 @@ import torch
 
 from optcli.config import load_config
 from optcli.engine.build import build_model_and_optimizer
-from optcli.engine.loop import fit
+from optcli.engine.loop import Training, fit
 from optcli.lr_find import lr_find, lr_schedule, smooth, suggest
 from optcli.tasks import Data, Split
 from tests.conftest import assert_user_error, cli
@@ -92,7 +92,7 @@ def test_training_at_the_suggestion_lowers_validation_loss_faster_than_100x_or_a
     for factor in (0.01, 1.0, 100.0):
         run = cfg.model_copy(update={"optimizer": cfg.optimizer.model_copy(update={"lr": suggestion * factor})})
         model, opt, sched = build_model_and_optimizer(run, data, torch.device("cpu"))
-        history = fit(run, model, opt, sched, data)
+        history = fit(Training(run, model, opt, sched, data))
         last = history.epochs[-1].val_loss
         val[factor] = last if history.status == "completed" and last is not None else math.inf
     assert val[1.0] < val[0.01] and val[1.0] < val[100.0], (suggestion, val)

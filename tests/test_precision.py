@@ -7,6 +7,7 @@ import torch
 
 import optcli.engine.loop as train_mod
 from optcli.config import load_config
+from optcli.engine import stepping
 from optcli.engine.loop import check_precision
 from optcli.errors import UserError
 from optcli.rundir.files import load_checkpoint
@@ -16,7 +17,7 @@ from tests.conftest import cli, mnist_args
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("16", torch.float16), ("32", torch.float32)])
 def test_the_forward_pass_runs_in_the_chosen_dtype(precision, dtype, monkeypatch):
     seen = set()
-    real = train_mod.autocast
+    real = stepping.autocast
 
     def spy(p, device_type):
         ctx = real(p, device_type)
@@ -31,7 +32,8 @@ def test_the_forward_pass_runs_in_the_chosen_dtype(precision, dtype, monkeypatch
 
         return Recording()
 
-    monkeypatch.setattr(train_mod, "autocast", spy)
+    monkeypatch.setattr(stepping, "autocast", spy)  # the training forward pass
+    monkeypatch.setattr(train_mod, "autocast", spy)  # evaluation
     from optcli.rundir.run import train_run
 
     cfg = load_config(None, ["train.epochs=2", f"train.precision={precision}", "data.samples=16"])

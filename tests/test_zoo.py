@@ -142,7 +142,7 @@ def _fit_schedule_free(monkeypatch, switch: bool, tiny_mnist):
     data = load_data(cfg.data, torch.device("cpu"))
     model, optimizer, scheduler = build_model_and_optimizer(cfg, data, torch.device("cpu"))
     optimizer.train()  # without the switch it must at least be able to step
-    return train_mod.fit(cfg, model, optimizer, scheduler, data), optimizer
+    return train_mod.fit(train_mod.Training(cfg, model, optimizer, scheduler, data)), optimizer
 
 
 def test_schedule_free_switch_changes_the_validation_loss(monkeypatch, tiny_mnist):
@@ -204,7 +204,7 @@ def test_sam_goes_through_the_closure_path_with_two_evaluations_per_step(monkeyp
     assert stepping.needs_closure(optimizer) and stepping.gradient_before_closure(optimizer)
     assert not stepping.gradient_before_closure(torch.optim.LBFGS) and stepping.needs_closure(torch.optim.LBFGS)
     forwards.clear()
-    history = train_mod.fit(cfg, model, optimizer, scheduler, data)
+    history = train_mod.fit(train_mod.Training(cfg, model, optimizer, scheduler, data))
     steps, layers = 5 * 4, 2  # 64 samples in batches of 16; two Linear layers
     assert len(forwards) == steps * layers * 2  # the gradient at w, then at the perturbed weights
     assert history.epochs[-1].train_loss < history.epochs[0].train_loss

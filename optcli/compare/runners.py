@@ -24,7 +24,7 @@ from typing import Any
 from optcli.config import Config, OptimizerConfig, optimizer_config
 from optcli.engine.build import build_model_and_optimizer, seed_torch
 from optcli.engine.dynamics import epoch_callbacks
-from optcli.engine.loop import History, fit
+from optcli.engine.loop import History, Training, fit
 from optcli.errors import UserError
 from optcli.rundir import signals
 from optcli.tasks import Data
@@ -76,7 +76,7 @@ def run_trial(
     seed_torch(seed)  # the same dropout masks for every optimizer of this seed
     callbacks = epoch_callbacks(cfg, model, optimizer)
     try:
-        return fit(cfg, model, optimizer, scheduler, data, on_epoch=on_epoch, callbacks=callbacks)
+        return fit(Training(cfg, model, optimizer, scheduler, data), on_epoch=on_epoch, callbacks=callbacks)
     finally:
         for callback in callbacks:
             callback.close()

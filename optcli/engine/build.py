@@ -18,7 +18,7 @@ from optcli.tasks import Data, steps_per_epoch
 
 def seed_torch(seed: int) -> None:
     """torch's global generator only (CPU and every CUDA device): initial weights and dropout masks.
-    The data and batch order have generators of their own (data.py)."""
+    The data and batch order have generators of their own (optcli.tasks)."""
     torch.manual_seed(seed)
 
 

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from optcli.config import Config
+from optcli.engine.loop import EVAL_BATCH  # evaluation runs in batches this large
 from optcli.engine.optimizers import check_kwargs, needs_closure, resolve_optimizer
 from optcli.errors import UserError
 
 BYTES_PER_VALUE = 4  # float32 parameters, gradients, optimizer state and activations
-EVAL_BATCH = 8192  # train.EVAL_BATCH: evaluation runs in batches this large
 
 
 def check_batch_norm(cfg: Config, n_train: int) -> None:
@@ -68,7 +68,7 @@ def available_bytes(device: torch.device) -> int | None:
     return None  # mps: no reliable figure
 
 
-def _fmt(n: float) -> str:
+def _bytes_text(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
         if n < 1000 or unit == "PB":
             return f"{n:.1f} {unit}"
@@ -86,8 +86,8 @@ def check_memory(cfg: Config, *, n_train: int, in_features: int, out_features: i
     have = available_bytes(device)
     if have is not None and need > have:
         raise UserError(
-            f"model: needs about {_fmt(need)} ({params:,} parameters x (weights + gradients + {state:g} optimizer "
-            f"state) + activations, float32), more than the {_fmt(have)} available on {device}; "
+            f"model: needs about {_bytes_text(need)} ({params:,} parameters x (weights + gradients + {state:g} "
+            f"optimizer state) + activations, float32), more than the {_bytes_text(have)} available on {device}; "
             f"make model.hidden smaller"
         )
 

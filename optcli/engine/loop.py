@@ -7,23 +7,30 @@ read back once at its end, so the loop never waits on a host sync per step.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from optcli.config import Config, EarlyStoppingConfig
 from optcli.engine.distributed import SINGLE, Dist
-from optcli.engine.optimizers import current_lr, is_plateau, needs_closure, scheduler_interval, step_with_closure
-from optcli.engine.stepping import set_mode
+from optcli.engine.optimizers import current_lr, is_plateau, needs_closure, scheduler_interval
+from optcli.engine.stepping import (
+    PRECISION_DTYPES,
+    Loss,
+    PlainStep,
+    StepSettings,
+    autocast,
+    make_step,
+    sample_sum,
+    set_mode,
+)
 from optcli.errors import UserError
 from optcli.tasks import Data, Split, batches, epoch_permutation, steps_per_epoch
 from optcli.tasks.functions import FunctionValue
@@ -74,6 +81,40 @@ class History:
     def from_dict(cls, d: dict) -> History:
         return cls(**{**d, "epochs": [EpochMetrics(**e) for e in d["epochs"]]})
 
+    def next_epoch(
+        self,
+        *,
+        epoch: int,
+        losses: tuple[float, float | None, float | None],
+        lr: float,
+        seconds: float,
+        steps: int,
+        train_seconds: float,
+    ) -> EpochMetrics:
+        """This epoch's metrics: `losses` is (train loss, val loss, val accuracy); `steps` and `train_seconds` are
+        the epoch's own, added to the run's totals so far."""
+        previous = self.epochs[-1] if self.epochs else None
+        return EpochMetrics(
+            epoch=epoch,
+            train_loss=losses[0],
+            val_loss=losses[1],
+            val_accuracy=losses[2],
+            lr=lr,
+            seconds=seconds,
+            steps=(previous.steps if previous else 0) + steps,
+            train_seconds=(previous.train_seconds if previous else 0.0) + train_seconds,
+        )
+
+    def set_status(self, *, diverged_at: dict | None = None, stop: dict | None = None, done: bool = False) -> None:
+        """The one place training changes the status: diverged (at {"epoch", "step"}), stopped early (`stop`, see
+        early_stop), completed once the planned epochs are done; left as it is otherwise."""
+        if diverged_at is not None:
+            self.status, self.diverged_at = "diverged", diverged_at
+        elif stop is not None:
+            self.status, self.stopped_early = "stopped_early", stop
+        elif done:
+            self.status, self.stopped_early = "completed", None
+
     def best(self) -> EpochMetrics | None:
         """The epoch with the lowest validation loss (train loss when there is no validation split)."""
         finite = [e for e in self.epochs if math.isfinite(_score(e))]
@@ -91,17 +132,6 @@ class EpochCallback(Protocol):
 
 def _score(e: EpochMetrics) -> float:
     return e.val_loss if e.val_loss is not None else e.train_loss
-
-
-PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
-
-
-def autocast(precision: str, device_type: str) -> AbstractContextManager:
-    """The forward pass under torch.autocast for bf16 and 16 (matmuls in the low precision, reductions such as
-    the loss in float32); float32 runs as it is."""
-    if precision == "32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, dtype=PRECISION_DTYPES[precision])
 
 
 def check_precision(precision: str, device: torch.device, *, uses_closure: bool = False) -> None:
@@ -159,76 +189,39 @@ def make_loss(cfg: Config, dist: Dist = SINGLE) -> LossFn:
     return cls(reduction="sum" if dist.enabled else cfg.train.reduction)
 
 
-def _sample_sum(loss: torch.Tensor, n: int, reduction: str) -> torch.Tensor:
-    """The loss summed over samples, so epoch averages are true averages, not means of batch means."""
-    return loss * n if reduction == "mean" else loss
-
-
 def train_one_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: LossFn,
-    split: Split,
+    step: PlainStep,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     *,
-    batch_size: int,
-    perm: torch.Tensor,
-    accumulate: int = 1,
-    grad_clip: float | None = None,
+    n_batches: int,
     on_batch: Callable[[int, int], None] | None = None,
-    dist: Dist = SINGLE,
-    reduction: str | None = None,
-    step_scheduler: Callable[[], object] | None = None,
-    precision: str = "32",
-    scaler: torch.amp.GradScaler | None = None,
+    on_step: Callable[[], object] | None = None,
 ) -> torch.Tensor:
-    """One pass over `split` in the order `perm`; returns each batch's loss summed over its samples (on device).
-    Under torchrun each rank runs its shard of every batch with a summed loss, and `reduction` is the
-    configured one (see `loss_weight`). `step_scheduler` is called after every optimizer step (per-step
-    schedules such as OneCycleLR); `precision` and `scaler` are train.precision's autocast and GradScaler."""
-    reduction = reduction or loss_fn.reduction
-    device_type = split.x.device.type
-    scaler = scaler or grad_scaler(precision, split.x.device)
-    model.train()
-    set_mode(optimizer, training=True)  # schedule-free optimizers switch with the model
-    n_batches = math.ceil(len(split) / batch_size)
-    losses = torch.zeros(n_batches, device=split.x.device)
-    use_closure = needs_closure(optimizer)
-    # with reduction="mean", k accumulated batches step like one batch k times larger; with "sum" they add up as is
-    scale = 1.0 / accumulate if reduction == "mean" else 1.0
-    optimizer.zero_grad(set_to_none=True)
-    for i, (x, y) in enumerate(batches(split, batch_size, perm)):
-        x, y, n_global = dist.shard(x), dist.shard(y), len(x)
-        if use_closure:  # LBFGS re-evaluates the loss several times per step
-
-            def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
-                optimizer.zero_grad(set_to_none=True)
-                with autocast(precision, device_type):
-                    loss = loss_fn(model(x), y)
-                loss.backward()
-                if grad_clip is not None:  # every gradient the optimizer reads is the clipped one
-                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
-                return loss
-
-            loss = step_with_closure(optimizer, closure)
-            if step_scheduler is not None:
-                step_scheduler()
-        else:
-            with autocast(precision, device_type):
-                loss = loss_fn(model(x), y)
-            scaler.scale(loss * scale * loss_weight(dist, n_global, reduction)).backward()
-            if (i + 1) % accumulate == 0 or i + 1 == n_batches:
-                if grad_clip is not None:
-                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                if step_scheduler is not None:
-                    step_scheduler()
-        losses[i] = _sample_sum(loss.detach(), len(x), loss_fn.reduction)
+    """One pass over `batches`; returns each batch's loss summed over its samples, on the device (a row per seed
+    for stacked seeds). `on_step` is called after every optimizer step (per-step schedules such as OneCycleLR)."""
+    step.model.train()
+    set_mode(step.optimizer, training=True)  # schedule-free optimizers switch with the model
+    step.optimizer.zero_grad(set_to_none=True)
+    losses = []
+    for i, (x, y) in enumerate(batches):
+        last = (i + 1) % step.accumulate == 0 or i + 1 == n_batches
+        losses.append(step(x, y, last=last))
+        if last and on_step is not None:
+            on_step()
         if on_batch is not None:
             on_batch(i + 1, n_batches)
-    return dist.all_reduce_sum(losses)
+    return step.settings.dist.all_reduce_sum(torch.stack(losses, dim=-1).float())
+
+
+def divergence(losses: torch.Tensor, val_loss: float | None) -> int | None:
+    """The step (1-based) of the epoch's first non-finite loss, the epoch's last when only the validation loss is
+    non-finite, None when the epoch stayed finite."""
+    finite = torch.isfinite(losses)
+    if not bool(finite.all()):
+        return int((~finite).nonzero()[0]) + 1
+    if val_loss is not None and not math.isfinite(val_loss):
+        return len(losses)
+    return None
 
 
 def check_closure_settings(optimizer_cls: type, accumulate: int, where: str = "optimizer") -> None:
@@ -241,128 +234,128 @@ def check_closure_settings(optimizer_cls: type, accumulate: int, where: str = "o
         )
 
 
-def loss_weight(dist: Dist, n_global: int, reduction: str) -> float:
-    """Under DDP each rank's loss is summed over its shard (make_loss), and DDP averages gradients over ranks:
-    scaling by world / global batch (or by world, for "sum") gives exactly the gradient of the global batch,
-    even when the last batch splits unevenly."""
-    if not dist.enabled:
-        return 1.0
-    return dist.world / n_global if reduction == "mean" else float(dist.world)
+def add_eval_batch(sums: torch.Tensor, out: torch.Tensor, y: torch.Tensor, loss_fn: Loss) -> None:
+    """Adds one chunk's loss summed over its samples to sums[0] and, for classification, its correct predictions
+    to sums[1]."""
+    sums[0] += sample_sum(loss_fn(out, y), len(y), loss_fn.reduction)
+    if y.dtype == torch.long:
+        sums[1] += (out.argmax(dim=1) == y).sum()
+
+
+def averages(sums: list[float], split: Split) -> tuple[float, float | None]:
+    """(average loss, accuracy) from add_eval_batch's sums over `split`; accuracy is None for regression."""
+    total, correct = sums
+    return total / len(split), (correct / len(split) if split.y.dtype == torch.long else None)
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loss_fn: LossFn, split: Split, *, dist: Dist = SINGLE, precision: str = "32"
+    model: nn.Module, loss_fn: Loss, split: Split, *, dist: Dist = SINGLE, precision: str = "32"
 ) -> tuple[float, float | None]:
     """(average loss, accuracy) over `split`; accuracy is None for regression. Each rank evaluates its shard."""
     model.eval()
     x_all, y_all = dist.shard(split.x), dist.shard(split.y)
     sums = torch.zeros(2, device=split.x.device)  # loss summed over samples, correct predictions
-    classify = split.y.dtype == torch.long
     for start in range(0, len(x_all), EVAL_BATCH):
         x, y = x_all[start : start + EVAL_BATCH], y_all[start : start + EVAL_BATCH]
         with autocast(precision, split.x.device.type):
-            out = model(x)
-            sums[0] += _sample_sum(loss_fn(out, y), len(x), loss_fn.reduction)
-        if classify:
-            sums[1] += (out.argmax(dim=1) == y).sum()
-    total, correct = dist.all_reduce_sum(sums).tolist()
-    return total / len(split), (correct / len(split) if classify else None)
+            add_eval_batch(sums, model(x), y, loss_fn)
+    return averages(dist.all_reduce_sum(sums).tolist(), split)
+
+
+@dataclass(frozen=True)
+class Training:
+    """What fit trains: the config, the model (evaluated and saved), its optimizer and scheduler, and the data."""
+
+    cfg: Config
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    data: Data
+    train_model: nn.Module | None = None  # the module run forward in training: a DDP or torch.compile wrapper
+    dist: Dist = SINGLE
+    scaler: torch.amp.GradScaler | None = None  # the run's GradScaler when its state is checkpointed
+
+    def step(self, loss_fn: Loss) -> PlainStep:
+        scaler = self.scaler or grad_scaler(self.cfg.train.precision, self.data.train.x.device)
+        settings = StepSettings.of(self.cfg, self.dist)
+        return make_step(self.train_model or self.model, self.optimizer, loss_fn, settings, scaler)
+
+    @property
+    def per_step_scheduler(self) -> bool:
+        return self.scheduler is not None and scheduler_interval(self.cfg.scheduler) == "step"
 
 
 def fit(
-    cfg: Config,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    data: Data,
+    run: Training,
     *,
     history: History | None = None,
     on_epoch: Callable[[History], None] | None = None,
     on_batch: Callable[[int, int, int], None] | None = None,
-    train_model: nn.Module | None = None,
-    dist: Dist = SINGLE,
     callbacks: Sequence[EpochCallback] = (),
-    scaler: torch.amp.GradScaler | None = None,
 ) -> History:
-    """Train from the epoch after the last one in `history` to cfg.train.epochs, or until early stopping ends it.
-    `train_model` is the module run forward in training (a DDP or torch.compile wrapper of `model`), `model` the
-    one evaluated and saved; `scaler` the run's GradScaler when its state is checkpointed (one is made otherwise)."""
+    """Train from the epoch after the last one in `history` to cfg.train.epochs, or until early stopping ends it."""
     history = history or History()
-    train_model = train_model or model
-    loss_fn = make_loss(cfg, dist)
-    device = data.train.x.device
-    per_step = scheduler is not None and scheduler_interval(cfg.scheduler) == "step"
-    closure = needs_closure(optimizer)
-    epoch_steps = steps_per_epoch(len(data.train), cfg.data.batch_size, 1 if closure else cfg.train.accumulate)
-    precision = cfg.train.precision
-    scaler = scaler or grad_scaler(precision, device)
-    rule = cfg.train.early_stopping
+    loss_fn = make_loss(run.cfg, run.dist)
+    step = run.step(loss_fn)
+    rule = run.cfg.train.early_stopping
     stop = early_stop(history, rule) if rule else None  # a resumed run that had stopped early stays stopped
-    for epoch in range(len(history.epochs) + 1, cfg.train.epochs + 1):
+    for epoch in range(len(history.epochs) + 1, run.cfg.train.epochs + 1):
         if stop is not None:
             break
-        t0 = time.perf_counter()
-        lr = current_lr(optimizer)
-        previous = history.epochs[-1] if history.epochs else None
-        perm = epoch_permutation(len(data.train), cfg.seed, epoch, device)
         batch_cb = functools.partial(on_batch, epoch) if on_batch else None
-        losses = train_one_epoch(
-            train_model,
-            optimizer,
-            loss_fn,
-            data.train,
-            batch_size=cfg.data.batch_size,
-            perm=perm,
-            accumulate=cfg.train.accumulate,
-            grad_clip=cfg.train.grad_clip,
-            on_batch=batch_cb,
-            dist=dist,
-            reduction=cfg.train.reduction,
-            step_scheduler=scheduler.step if per_step else None,
-            precision=precision,
-            scaler=scaler,
-        )
-        set_mode(optimizer, training=False)  # before evaluation and before the checkpoint (on_epoch)
-        finite = torch.isfinite(losses)
-        bad_step = None if bool(finite.all()) else int((~finite).nonzero()[0]) + 1
-        train_end = time.perf_counter()  # after the host sync above, so queued device work is counted
-        val_loss, val_acc = (
-            evaluate(model, loss_fn, data.val, dist=dist, precision=precision)
-            if data.val is not None and bad_step is None
-            else (None, None)
-        )
-        train_loss = losses.sum().item() / len(data.train)
-        if bad_step is None and val_loss is not None and not math.isfinite(val_loss):
-            bad_step = len(losses)
-        if scheduler is not None and bad_step is None and not per_step:
-            scheduler.step(val_loss if val_loss is not None else train_loss) if is_plateau(
-                scheduler
-            ) else scheduler.step()
-        metrics = EpochMetrics(
-            epoch,
-            train_loss,
-            val_loss,
-            val_acc,
-            lr,
-            time.perf_counter() - t0,
-            steps=(previous.steps if previous else 0) + epoch_steps,
-            train_seconds=(previous.train_seconds if previous else 0.0) + train_end - t0,
-        )
+        metrics, losses, bad_step = _epoch(run, step, epoch, history, on_batch=batch_cb)
         for callback in callbacks:
             callback.epoch_end(metrics, losses)
         history.epochs.append(metrics)
-        if bad_step is not None:
-            history.status, history.diverged_at = "diverged", {"epoch": epoch, "step": bad_step}
         stop = early_stop(history, rule) if rule and bad_step is None else None
-        if stop is not None:
-            history.status, history.stopped_early = "stopped_early", stop
+        history.set_status(diverged_at=None if bad_step is None else {"epoch": epoch, "step": bad_step}, stop=stop)
         if on_epoch is not None:
             on_epoch(history)
-        if history.status == "diverged":
+        if bad_step is not None:
             return history
-    history.status = "completed" if stop is None else "stopped_early"
-    history.stopped_early = stop
-    if data.test is not None:
-        history.test_loss, history.test_accuracy = evaluate(model, loss_fn, data.test, dist=dist, precision=precision)
+    history.set_status(stop=stop, done=True)
+    if run.data.test is not None:
+        precision = run.cfg.train.precision
+        history.test_loss, history.test_accuracy = evaluate(
+            run.model, loss_fn, run.data.test, dist=run.dist, precision=precision
+        )
     return history
+
+
+def _epoch(
+    run: Training, step: PlainStep, epoch: int, history: History, *, on_batch: Callable[[int, int], None] | None
+) -> tuple[EpochMetrics, torch.Tensor, int | None]:
+    """One epoch of training and its evaluation: (metrics, each batch's loss sum, the divergence step or None)."""
+    cfg, data, t0 = run.cfg, run.data, time.perf_counter()
+    lr = current_lr(run.optimizer)
+    perm = epoch_permutation(len(data.train), cfg.seed, epoch, data.train.x.device)
+    losses = train_one_epoch(
+        step,
+        batches(data.train, cfg.data.batch_size, perm),
+        n_batches=math.ceil(len(data.train) / cfg.data.batch_size),
+        on_batch=on_batch,
+        on_step=run.scheduler.step if run.per_step_scheduler else None,
+    )
+    set_mode(run.optimizer, training=False)  # before evaluation and before the checkpoint (on_epoch)
+    finite = bool(torch.isfinite(losses).all())
+    train_end = time.perf_counter()  # after the host sync above, so queued device work is counted
+    val_loss, val_acc = (
+        evaluate(run.model, step.loss_fn, data.val, dist=run.dist, precision=cfg.train.precision)
+        if data.val is not None and finite
+        else (None, None)
+    )
+    train_loss = losses.sum().item() / len(data.train)
+    bad_step = divergence(losses, val_loss)
+    if run.scheduler is not None and bad_step is None and not run.per_step_scheduler:
+        scheduler = run.scheduler
+        scheduler.step(val_loss if val_loss is not None else train_loss) if is_plateau(scheduler) else scheduler.step()
+    metrics = history.next_epoch(
+        epoch=epoch,
+        losses=(train_loss, val_loss, val_acc),
+        lr=lr,
+        seconds=time.perf_counter() - t0,
+        steps=steps_per_epoch(len(data.train), cfg.data.batch_size, step.accumulate),
+        train_seconds=train_end - t0,
+    )
+    return metrics, losses, bad_step

@@ -2,7 +2,7 @@
 
 An optimizer name is resolved in this order: torch.optim (case-insensitive), then pytorch-optimizer's registry
 when it is installed, then an import path (`pkg.module:Class` or `pkg.module.Class`). Nothing here lists
-optimizers by hand. The modes (train/eval of schedule-free optimizers) and closure rules live in optimizer_kind.py.
+optimizers by hand. The modes (train/eval of schedule-free optimizers) and closure rules live in stepping.py.
 """
 
 from __future__ import annotations
@@ -273,8 +273,20 @@ def check_optimizer(cfg: OptimizerConfig) -> None:
     trial_step(cls, kwargs)
 
 
-def _probe_step(cls: type, kwargs: dict[str, Any], *, closure: bool) -> None:
-    """One step on a weight matrix and a bias (like the MLP's layers), driven as training drives it."""
+def trial_step(cls: type, kwargs: dict[str, Any]) -> None:
+    """The trial step: can this optimizer, with these keywords, train a dense layer at all (SparseAdam cannot)?
+    One step on a weight matrix and a bias (like the MLP's layers), driven as training drives it (stepping.py);
+    its own RNG draws do not disturb the run's."""
+    with torch.random.fork_rng(devices=[]):
+        try:
+            _probe_step(cls, kwargs)
+        except Exception as exc:  # whatever the optimizer makes of the user's keyword values is a user error here
+            raise UserError(
+                f"optimizer: {cls.__name__}({_kwargs_text(kwargs)}) cannot train this model: {exc}"
+            ) from None
+
+
+def _probe_step(cls: type, kwargs: dict[str, Any]) -> None:
     probe = nn.Sequential(nn.Linear(2, 2))
     optimizer = cls(probe.parameters(), **_constructor_kwargs(cls, kwargs))
     stepping.set_mode(optimizer, training=True)
@@ -285,36 +297,12 @@ def _probe_step(cls: type, kwargs: dict[str, Any], *, closure: bool) -> None:
         loss.backward()
         return loss
 
-    if not closure:
-        loss_fn()
-        optimizer.step()
-    elif stepping.closure_in_signature(cls):
-        optimizer.step(loss_fn)
+    if stepping.needs_closure(cls):
+        stepping.step_with_closure(optimizer, loss_fn)
     else:
         loss_fn()
-        optimizer.step(loss_fn)
+        optimizer.step()
     stepping.set_mode(optimizer, training=False)
-
-
-def trial_step(cls: type, kwargs: dict[str, Any]) -> None:
-    """The trial step: can this optimizer, with these keywords, train a dense layer at all (SparseAdam cannot),
-    and does it need a closure (stepping.py)? Its own RNG draws do not disturb the run's."""
-    with torch.random.fork_rng(devices=[]):
-        try:
-            _probe_step(cls, kwargs, closure=stepping.closure_in_signature(cls))
-            stepping.record_trial_step(cls, refused_without_closure=False)
-            return
-        except Exception as exc:  # whatever the optimizer makes of the user's keyword values is a user error here
-            first = exc
-        if not stepping.closure_in_signature(cls):
-            try:
-                _probe_step(cls, kwargs, closure=True)
-                stepping.record_trial_step(cls, refused_without_closure=True)
-                return
-            except Exception as exc:
-                if "closure" in str(first).lower():  # it asked for a closure and failed with one: say why
-                    first = exc
-    raise UserError(f"optimizer: {cls.__name__}({_fmt(kwargs)}) cannot train this model: {first}") from None
 
 
 def build_optimizer(
@@ -324,8 +312,6 @@ def build_optimizer(
     with their own overrides; the rest form the first group with the top-level settings."""
     cls = resolve_optimizer(cfg.name)
     kwargs = check_kwargs("optimizer", cls, cfg.kwargs)
-    if not stepping.trial_step_known(cls):  # a new process (a worker): the closure rule needs the trial step
-        trial_step(cls, kwargs)
     kwargs = _constructor_kwargs(cls, kwargs)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     claimed: set[str] = set()
@@ -350,7 +336,7 @@ def build_optimizer(
     try:
         return cls(groups, **kwargs)
     except (ValueError, TypeError, RuntimeError) as exc:
-        raise UserError(f"optimizer: {cls.__name__}({_fmt(kwargs)}): {exc}") from None
+        raise UserError(f"optimizer: {cls.__name__}({_kwargs_text(kwargs)}): {exc}") from None
 
 
 def check_scheduler(cfg: SchedulerConfig | None, epochs: int) -> None:
@@ -393,7 +379,7 @@ def build_scheduler(
     try:
         return cls(optimizer, **kwargs)
     except (ValueError, TypeError, RuntimeError) as exc:
-        raise UserError(f"scheduler: {cls.__name__}({_fmt(kwargs)}): {exc}") from None
+        raise UserError(f"scheduler: {cls.__name__}({_kwargs_text(kwargs)}): {exc}") from None
 
 
 def is_plateau(scheduler) -> bool:
@@ -427,5 +413,5 @@ def list_optimizers() -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(kwargs: dict[str, Any]) -> str:
+def _kwargs_text(kwargs: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())

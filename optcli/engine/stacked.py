@@ -7,7 +7,7 @@ the same update as training each seed apart exactly when the optimizer's update 
 parameter entry's own gradient and state and nothing else (SGD, Adam, RMSprop, ...). Optimizers with per-tensor
 norms or trust ratios (LBFGS, Lamb/LARS, Muon, Adafactor) would mix the seeds and are never stacked.
 
-Fairness is kept per seed: the initial weights are built per seed exactly as `trials.run_trial` builds them
+Fairness is kept per seed: the initial weights are built per seed exactly as `compare.runners.run_trial` builds them
 (then stacked), each seed gets its own batch order, and each seed's dropout masks come from a generator of its
 own seeded as the plain path seeds torch's global one, drawn in the same order and sizes, so they are the same
 masks. A seed whose loss diverges is removed from the stack (with its optimizer state) at the end of the epoch
@@ -22,7 +22,7 @@ import json
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -31,9 +31,24 @@ from optcli.compare.runners import OptimizerSpec, Plan, TrialCallbacks, TrialRun
 from optcli.config import Config
 from optcli.engine.build import seed_torch
 from optcli.engine.dynamics import Dynamics
-from optcli.engine.loop import EVAL_BATCH, EpochMetrics, History, make_loss
+from optcli.engine.loop import (
+    EVAL_BATCH,
+    History,
+    add_eval_batch,
+    averages,
+    divergence,
+    make_loss,
+    train_one_epoch,
+)
 from optcli.engine.model import MLP, build_model, dropout_mask
-from optcli.engine.optimizers import build_optimizer, build_scheduler, resolve_optimizer, scheduler_classes
+from optcli.engine.optimizers import (
+    build_optimizer,
+    build_scheduler,
+    current_lr,
+    resolve_optimizer,
+    scheduler_classes,
+)
+from optcli.engine.stepping import Loss, PlainStep, StepSettings, sample_sum
 from optcli.tasks import Data, Split, epoch_permutation, steps_per_epoch
 
 # The one place that says which optimizers update elementwise, as (module, class): their step reads an entry's
@@ -193,45 +208,38 @@ def seed_state_bytes(optimizer: torch.optim.Optimizer, seeds: int) -> int:
     return total
 
 
-def _sample_sum(loss: torch.Tensor, n: int, reduction: str) -> torch.Tensor:
-    return loss * n if reduction == "mean" else loss
+class StackedStep(PlainStep):
+    """PlainStep for every live seed at once: the per-seed losses are summed before backward(), which keeps each
+    slice's gradient that of its own seed's loss; returns each seed's loss summed over the batch's samples."""
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, *, last: bool) -> torch.Tensor:
+        out = self.model(x)
+        per_seed = torch.stack([self.loss_fn(out[s], y[s]) for s in range(len(x))])
+        self.backward(per_seed.sum() * self.scale)
+        if last:
+            self.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return sample_sum(per_seed.detach(), x.shape[1], self.loss_fn.reduction)
 
 
-def _train_epoch(cfg: Config, model: StackedMLP, optimizer, loss_fn, split: Split, perms: torch.Tensor) -> torch.Tensor:
-    """train.train_one_epoch for every live seed at once; returns each batch's loss sums (seeds, batches)."""
-    model.train()
-    seeds, n, batch_size = perms.shape[0], len(split), cfg.data.batch_size
-    n_batches, accumulate = math.ceil(n / batch_size), cfg.train.accumulate
-    losses = torch.zeros(seeds, n_batches, device=split.x.device)  # a seed's row sums as the plain path's vector
-    scale = 1.0 / accumulate if loss_fn.reduction == "mean" else 1.0
-    optimizer.zero_grad(set_to_none=True)
-    for i, start in enumerate(range(0, n, batch_size)):
+def _batches(split: Split, batch_size: int, perms: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """tasks.batches for every live seed: (seeds, batch, ...) in each seed's own order."""
+    for start in range(0, len(split), batch_size):
         idx = perms[:, start : start + batch_size]
-        x, y = split.x[idx], split.y[idx]
-        out = model(x)
-        per_seed = torch.stack([loss_fn(out[s], y[s]) for s in range(seeds)])
-        (per_seed.sum() * scale).backward()  # the sum keeps each slice's gradient that of its own seed's loss
-        if (i + 1) % accumulate == 0 or i + 1 == n_batches:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        losses[:, i] = _sample_sum(per_seed.detach(), idx.shape[1], loss_fn.reduction)
-    return losses
+        yield split.x[idx], split.y[idx]
 
 
 @torch.no_grad()
-def _evaluate(model: StackedMLP, loss_fn, split: Split, seeds: int) -> list[tuple[float, float | None]]:
-    """train.evaluate for every live seed: the same chunks, sums and order, per slice."""
+def _evaluate(model: StackedMLP, loss_fn: Loss, split: Split, seeds: int) -> list[tuple[float, float | None]]:
+    """loop.evaluate for every live seed: the same chunks, sums and order, per slice."""
     model.eval()
     sums = torch.zeros(seeds, 2, device=split.x.device)
-    classify = split.y.dtype == torch.long
     for start in range(0, len(split), EVAL_BATCH):
         x, y = split.x[start : start + EVAL_BATCH], split.y[start : start + EVAL_BATCH]
         out = model(x.expand(seeds, *x.shape))
         for s in range(seeds):
-            sums[s, 0] += _sample_sum(loss_fn(out[s], y), len(x), loss_fn.reduction)
-            if classify:
-                sums[s, 1] += (out[s].argmax(dim=1) == y).sum()
-    return [(total / len(split), (correct / len(split) if classify else None)) for total, correct in sums.tolist()]
+            add_eval_batch(sums[s], out[s], y, loss_fn)
+    return [averages(row, split) for row in sums.tolist()]
 
 
 def build_stacked_model(cfg: Config, data: Data, seeds: list[int]) -> StackedMLP:
@@ -244,79 +252,98 @@ def build_stacked_model(cfg: Config, data: Data, seeds: list[int]) -> StackedMLP
     return StackedMLP(models, seeds).to(device)
 
 
+class _Stack:
+    """The live seeds of one optimizer spec as one stacked model and optimizer, with each seed's history."""
+
+    def __init__(self, cfg: Config, data: Data, seeds: list[int]):
+        self.cfg, self.data, self.live = cfg, data, list(seeds)
+        self.model = build_stacked_model(cfg, data, seeds)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, data.train.x.device, fused=cfg.train.fused)
+        self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.train.epochs)
+        self.loss_fn = make_loss(cfg)
+        self.step = StackedStep(self.model, self.optimizer, self.loss_fn, StepSettings.of(cfg))
+        self.histories = {seed: History() for seed in seeds}
+        self.views = {seed: _SeedView(self.model, slot) for slot, seed in enumerate(seeds)}
+        # per seed, the measurements dynamics.Dynamics takes of a plain run, on the seed's slices
+        self.dynamics = (
+            {seed: Dynamics(self.views[seed], self.optimizer) for seed in seeds}  # type: ignore[arg-type]
+            if cfg.train.dynamics
+            else {}
+        )
+
+    def epoch(self, epoch: int, on_epoch: Callable[[History], None] | None) -> list[int]:
+        """One epoch of every live seed, recorded in each seed's history; returns the slots that diverged."""
+        data, t0, n_live = self.data, time.perf_counter(), len(self.live)
+        lr = current_lr(self.optimizer)
+        perms = torch.stack([epoch_permutation(len(data.train), s, epoch, data.train.x.device) for s in self.live])
+        n_batches = math.ceil(len(data.train) / self.cfg.data.batch_size)
+        losses = train_one_epoch(self.step, _batches(data.train, self.cfg.data.batch_size, perms), n_batches=n_batches)
+        train_seconds = (time.perf_counter() - t0) / n_live  # per seed, evaluation excluded, as a plain trial
+        evals = _evaluate(self.model, self.loss_fn, data.val, n_live) if data.val is not None else None
+        seconds = (time.perf_counter() - t0) / n_live
+        diverged = []
+        for s, seed in enumerate(self.live):
+            column, history = losses[s], self.histories[seed]
+            finite = bool(torch.isfinite(column).all())
+            val_loss, val_acc = evals[s] if evals is not None and finite else (None, None)
+            bad_step = divergence(column, val_loss)
+            metrics = history.next_epoch(
+                epoch=epoch,
+                losses=(column.sum().item() / len(data.train), val_loss, val_acc),
+                lr=lr,
+                seconds=seconds,
+                steps=steps_per_epoch(len(data.train), self.cfg.data.batch_size, self.step.accumulate),
+                train_seconds=train_seconds,
+            )
+            if seed in self.dynamics:
+                self.dynamics[seed].epoch_end(metrics, column)
+                metrics.dynamics["state_bytes"] = seed_state_bytes(self.optimizer, n_live)  # type: ignore[index]
+            history.epochs.append(metrics)
+            if bad_step is not None:
+                history.set_status(diverged_at={"epoch": epoch, "step": bad_step})
+                diverged.append(s)
+            if on_epoch is not None:
+                on_epoch(history)
+        return diverged
+
+    def retire(self, slots: list[int]) -> None:
+        """The seeds at `slots` stop: out of the model and the optimizer state, their measurements closed."""
+        keep = [s for s in range(len(self.live)) if s not in slots]
+        for s in slots:
+            if self.live[s] in self.dynamics:
+                self.dynamics.pop(self.live[s]).close()
+        self.live = [self.live[s] for s in keep]
+        if self.live:
+            retire(self.model, self.optimizer, keep)
+            for slot, seed in enumerate(self.live):
+                self.views[seed].slot = slot
+
+    def finish(self) -> None:
+        for callback in self.dynamics.values():
+            callback.close()
+        for seed in self.live:
+            self.histories[seed].set_status(done=True)
+        if self.data.test is not None and self.live:
+            results = _evaluate(self.model, self.loss_fn, self.data.test, len(self.live))
+            for seed, (test_loss, test_acc) in zip(self.live, results, strict=True):
+                self.histories[seed].test_loss, self.histories[seed].test_accuracy = test_loss, test_acc
+
+
 def fit_stacked(
     cfg: Config, data: Data, spec: OptimizerSpec, seeds: list[int], *, on_epoch: Callable[[History], None] | None = None
 ) -> list[History]:
     """The histories that `run_trial(cfg, data, spec, seed)` gives for each seed, from one stacked model."""
-    cfg = cfg.model_copy(update={"optimizer": spec.config()})
-    device = data.train.x.device
-    model = build_stacked_model(cfg, data, seeds)
-    optimizer = build_optimizer(model, cfg.optimizer, device, fused=cfg.train.fused)
-    scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.train.epochs)
-    loss_fn = make_loss(cfg)
-    histories = {seed: History() for seed in seeds}
-    live = list(seeds)
-    views = {seed: _SeedView(model, slot) for slot, seed in enumerate(seeds)}
-    # per seed, the measurements dynamics.Dynamics takes of a plain run, on the seed's slices
-    dynamics = {seed: Dynamics(views[seed], optimizer) for seed in seeds} if cfg.train.dynamics else {}  # type: ignore[arg-type]
-    epoch_steps = steps_per_epoch(len(data.train), cfg.data.batch_size, cfg.train.accumulate)
+    stack = _Stack(cfg.model_copy(update={"optimizer": spec.config()}), data, seeds)
     for epoch in range(1, cfg.train.epochs + 1):
-        t0 = time.perf_counter()
-        perms = torch.stack([epoch_permutation(len(data.train), seed, epoch, device) for seed in live])
-        losses = _train_epoch(cfg, model, optimizer, loss_fn, data.train, perms)
-        train_seconds = (time.perf_counter() - t0) / len(live)  # per seed, evaluation excluded, as a plain trial
-        evals = _evaluate(model, loss_fn, data.val, len(live)) if data.val is not None else None
-        lr, seconds = float(optimizer.param_groups[0]["lr"]), (time.perf_counter() - t0) / len(live)
-        diverged = []
-        for s, seed in enumerate(live):
-            column = losses[s]
-            finite = torch.isfinite(column)
-            bad_step = None if bool(finite.all()) else int((~finite).nonzero()[0]) + 1
-            val_loss, val_acc = evals[s] if evals is not None and bad_step is None else (None, None)
-            if bad_step is None and val_loss is not None and not math.isfinite(val_loss):
-                bad_step = len(column)
-            history = histories[seed]
-            previous = history.epochs[-1] if history.epochs else None
-            metrics = EpochMetrics(
-                epoch,
-                column.sum().item() / len(data.train),
-                val_loss,
-                val_acc,
-                lr,
-                seconds,
-                steps=(previous.steps if previous else 0) + epoch_steps,
-                train_seconds=(previous.train_seconds if previous else 0.0) + train_seconds,
-            )
-            if seed in dynamics:
-                dynamics[seed].epoch_end(metrics, column)
-                metrics.dynamics["state_bytes"] = seed_state_bytes(optimizer, len(live))  # type: ignore[index]
-            history.epochs.append(metrics)
-            if bad_step is not None:
-                history.status, history.diverged_at = "diverged", {"epoch": epoch, "step": bad_step}
-                diverged.append(s)
-            if on_epoch is not None:
-                on_epoch(history)
+        diverged = stack.epoch(epoch, on_epoch)
         if diverged:
-            keep = [s for s in range(len(live)) if s not in diverged]
-            for s in diverged:
-                if live[s] in dynamics:
-                    dynamics.pop(live[s]).close()
-            live = [live[s] for s in keep]
-            if not live:
+            stack.retire(diverged)
+            if not stack.live:
                 break
-            retire(model, optimizer, keep)
-            for slot, seed in enumerate(live):
-                views[seed].slot = slot
-        if scheduler is not None:  # epoch-driven only (stacking_refusal): the same for every seed
-            scheduler.step()
-    for callback in dynamics.values():
-        callback.close()
-    for seed in live:
-        histories[seed].status = "completed"
-    if data.test is not None and live:
-        for seed, (test_loss, test_acc) in zip(live, _evaluate(model, loss_fn, data.test, len(live)), strict=True):
-            histories[seed].test_loss, histories[seed].test_accuracy = test_loss, test_acc
-    return [histories[seed] for seed in seeds]
+        if stack.scheduler is not None:  # epoch-driven only (stacking_refusal): the same for every seed
+            stack.scheduler.step()
+    stack.finish()
+    return [stack.histories[seed] for seed in seeds]
 
 
 class StackedRunner(TrialRunner):

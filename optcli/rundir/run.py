@@ -19,7 +19,7 @@ from optcli.engine import distributed
 from optcli.engine.build import build_model_and_optimizer, torch_settings
 from optcli.engine.distributed import SINGLE, Dist
 from optcli.engine.dynamics import epoch_callbacks
-from optcli.engine.loop import History, check_closure_settings, check_precision, fit, grad_scaler
+from optcli.engine.loop import History, Training, check_closure_settings, check_precision, fit, grad_scaler
 from optcli.engine.model import check_model_config, resolve_device
 from optcli.engine.optimizers import (
     SCHEDULE_LENGTH_KWARGS,
@@ -355,18 +355,11 @@ def _train_locked(
     started = time.perf_counter()
     try:
         history = fit(
-            cfg,
-            model,
-            optimizer,
-            scheduler,
-            data,
+            Training(cfg, model, optimizer, scheduler, data, train_model=train_model, dist=dist, scaler=scaler),
             history=history,
             on_epoch=epoch_done,
             on_batch=on_batch,
-            train_model=train_model,
-            dist=dist,
             callbacks=callbacks,
-            scaler=scaler,
         )
         if writer is not None:
             writer.flush(history=history)  # the final status and the test metrics
