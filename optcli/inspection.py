@@ -191,7 +191,7 @@ def one_step(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, de
     params = [(n, p) for n, p in model.named_parameters()]
 
     def forward_backward() -> torch.Tensor:
-        torch.manual_seed(cfg.seed)  # the same dropout mask on every pass over this batch
+        seed_torch(cfg.seed)  # the same dropout mask on every pass over this batch
         loss = loss_fn(model(x), y)
         loss.backward()
         return loss

@@ -202,3 +202,16 @@ def test_a_run_leaves_the_process_torch_settings_as_it_found_them():
     assert cli("train", "--set", "train.epochs=2").exit_code == 0
     assert torch.get_num_threads() == threads
     assert (torch.tensor(1e-40) * 1.0).item() != 0  # subnormals are flushed during a run only
+
+
+def test_a_ray_workers_trial_leaves_its_process_torch_settings_as_it_found_them():
+    """A Ray worker process runs other tasks after a trial: the trial's thread count and flushing end with it."""
+    from optcli.compare.runners import OptimizerSpec, _ray_trial
+    from optcli.config import load_config
+
+    threads = torch.get_num_threads()
+    cfg = load_config(None, ["train.epochs=1", "data.samples=32", "train.flush_denormal=true"])
+    history = _ray_trial(cfg.model_dump(mode="json"), OptimizerSpec("sgd", "SGD"), 0, threads + 1)
+    assert history.status == "completed"
+    assert torch.get_num_threads() == threads
+    assert (torch.tensor(1e-40) * 1.0).item() != 0

@@ -465,7 +465,7 @@ def make_runner(
 
         return StackedRunner(cfg, load_data(cfg.data, device), callbacks)
     if jobs > 1:
-        return ProcessPoolRunner(cfg, jobs=jobs, threads=threads, callbacks=callbacks)
+        return ProcessPoolRunner(cfg, jobs=jobs, threads=threads, callbacks=callbacks, device=device)
     return SerialRunner(cfg, load_data(cfg.data, device), callbacks)  # the data is loaded once for every trial
 
 

@@ -19,15 +19,18 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optcli.config import Config, OptimizerConfig, optimizer_config
-from optcli.engine.build import build_model_and_optimizer, seed_torch
+from optcli.engine.build import build_model_and_optimizer, seed_torch, set_torch_settings, torch_settings
 from optcli.engine.dynamics import epoch_callbacks
 from optcli.engine.loop import History, Training, fit
 from optcli.errors import UserError
 from optcli.rundir import signals
 from optcli.tasks import Data
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -129,7 +132,7 @@ def threads_per_job(jobs: int) -> int:
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(cfg_json: dict, threads: int) -> None:
+def _init_worker(cfg_json: dict, threads: int, device: str | None) -> None:
     signals.ignore_in_worker()  # the parent decides when to stop, and ends its workers itself
 
     import torch
@@ -139,10 +142,9 @@ def _init_worker(cfg_json: dict, threads: int) -> None:
 
     cfg = Config.model_validate(cfg_json)
     # before any parallel work, so that the thread pool inherits it; a worker lives for one comparison only
-    torch.set_flush_denormal(cfg.train.flush_denormal)
-    torch.set_num_threads(threads)
+    set_torch_settings(cfg, threads=threads)
     _worker["cfg"] = cfg
-    _worker["data"] = load_data(cfg.data, resolve_device(cfg.device))
+    _worker["data"] = load_data(cfg.data, torch.device(device) if device else resolve_device(cfg.device))
 
 
 def _run_in_worker(spec: OptimizerSpec, seed: int) -> History:
@@ -153,14 +155,24 @@ class ProcessPoolRunner(TrialRunner):
     """Trials in `jobs` worker processes on this machine; each worker loads the data once and runs whole
     trials, with threads per worker set so that workers x threads does not exceed the cores."""
 
-    def __init__(self, cfg: Config, *, jobs: int, threads: int | None = None, callbacks: TrialCallbacks | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        jobs: int,
+        threads: int | None = None,
+        callbacks: TrialCallbacks | None = None,
+        device: torch.device | None = None,
+    ):
+        """`device`: the torch.device the parent resolved for the comparison (resolved again in each worker when
+        None)."""
         super().__init__(callbacks)
         # spawn, not fork: a forked child of a process that has started torch's thread pools can hang
         self.pool = ProcessPoolExecutor(
             max_workers=jobs,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
-            initargs=(cfg.model_dump(mode="json"), threads or threads_per_job(jobs)),
+            initargs=(cfg.model_dump(mode="json"), threads or threads_per_job(jobs), str(device) if device else None),
         )
 
     def run(self, plan: Plan) -> list[History]:
@@ -211,20 +223,19 @@ _ray_worker: dict[str, Any] = {}
 
 
 def _ray_trial(cfg_json: dict, spec: OptimizerSpec, seed: int, threads: int) -> History:
-    """One trial in a Ray worker: the data are loaded once per worker process and config, as in a pool worker."""
-    import torch
-
+    """One trial in a Ray worker: the data are loaded once per worker process and config, as in a pool worker.
+    The device is resolved here, on the worker's machine, which may not be the driver's; the worker process may
+    run other tasks next, so the torch settings are put back after the trial."""
     from optcli.engine.model import resolve_device
     from optcli.tasks import load_data
 
     cfg = Config.model_validate(cfg_json)
-    torch.set_flush_denormal(cfg.train.flush_denormal)
-    torch.set_num_threads(threads)
-    key = json.dumps([cfg_json["data"], cfg_json["device"]], sort_keys=True)
-    if _ray_worker.get("key") != key:
-        _ray_worker["data"] = load_data(cfg.data, resolve_device(cfg.device))
-        _ray_worker["key"] = key
-    return run_trial(cfg, _ray_worker["data"], spec, seed)
+    with torch_settings(cfg, threads=threads):
+        key = json.dumps([cfg_json["data"], cfg_json["device"]], sort_keys=True)
+        if _ray_worker.get("key") != key:
+            _ray_worker["data"] = load_data(cfg.data, resolve_device(cfg.device))
+            _ray_worker["key"] = key
+        return run_trial(cfg, _ray_worker["data"], spec, seed)
 
 
 class RayRunner(TrialRunner):

@@ -17,23 +17,29 @@ from optcli.tasks import Data, steps_per_epoch
 
 
 def seed_torch(seed: int) -> None:
-    """torch's global generator only (CPU and every CUDA device): initial weights and dropout masks.
-    The data and batch order have generators of their own (optcli.tasks)."""
+    """The one place optcli seeds torch's global generator (CPU and every CUDA device): initial weights and
+    dropout masks. The data and batch order have generators of their own (optcli.tasks)."""
     torch.manual_seed(seed)
 
 
-@contextmanager
-def torch_settings(cfg: Config, *, threads: int | None = None) -> Iterator[None]:
-    """The process-wide torch settings a run depends on, set for the run and put back after it, since library
-    callers and tests share the process: subnormal flushing and, when given, the thread count (which decides how
-    torch splits parallel sums, and so the last bits of the results).
+def set_torch_settings(cfg: Config, *, threads: int | None = None) -> None:
+    """The process-wide torch settings a run depends on: subnormal flushing and, when given, the thread count
+    (which decides how torch splits parallel sums, and so the last bits of the results). The one place optcli
+    sets them; a process that runs nothing else (a comparison's worker) sets them once, others use torch_settings.
 
     Flushing applies to the calling thread and to the threads it creates later: set first thing in a process, it
     reaches torch's whole thread pool (the CLI does no parallel work before a run starts)."""
     torch.set_flush_denormal(cfg.train.flush_denormal)  # Adam's exp_avg decays into subnormals, slow on x86
-    previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+
+
+@contextmanager
+def torch_settings(cfg: Config, *, threads: int | None = None) -> Iterator[None]:
+    """set_torch_settings for the run, put back after it, since library callers, tests and a Ray worker's next
+    task share the process."""
+    previous_threads = torch.get_num_threads()
+    set_torch_settings(cfg, threads=threads)
     try:
         yield
     finally:
