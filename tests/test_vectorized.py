@@ -149,6 +149,15 @@ def test_vectorized_mnist_with_dropout_accumulation_and_a_schedule(tiny_mnist):
         assert abs(tv.history.test_accuracy - tp.history.test_accuracy) <= 1 / 100 + 1e-9
 
 
+def test_a_per_step_schedule_steps_the_stacked_seeds_as_it_steps_a_plain_trial():
+    sets = ["train.epochs=3", "data.samples=48", "data.batch_size=8", "scheduler={name: onecyclelr, max_lr: 0.01}"]
+    cfg = load_config(None, sets)
+    plain = run_comparison(cfg, ["sgd:momentum=0.9", "adam"], seeds=2, threads=1)
+    vec = run_comparison(cfg, ["sgd:momentum=0.9", "adam"], seeds=2, threads=1, vectorize=True)
+    assert vec.notes == []
+    _assert_histories_close(vec, plain)  # the lr of every epoch's first step included
+
+
 def test_a_seed_that_diverges_first_is_retired_and_the_rest_match():
     # lr 0.005 on this task: seed 3 diverges in epoch 4, seeds 0-2 in epoch 5 (the plain path's record)
     tutorial = ["data.target=random", "data.inputs=1000", "data.outputs=10", "data.val_fraction=0"]

@@ -47,6 +47,7 @@ from optcli.engine.optimizers import (
     current_lr,
     resolve_optimizer,
     scheduler_classes,
+    scheduler_interval,
 )
 from optcli.engine.stepping import Loss, PlainStep, StepSettings, sample_sum
 from optcli.tasks import Data, Split, epoch_permutation, steps_per_epoch
@@ -259,7 +260,10 @@ class _Stack:
         self.cfg, self.data, self.live = cfg, data, list(seeds)
         self.model = build_stacked_model(cfg, data, seeds)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, data.train.x.device, fused=cfg.train.fused)
-        self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.train.epochs)
+        steps = steps_per_epoch(len(data.train), cfg.data.batch_size, cfg.train.accumulate)
+        self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, cfg.train.epochs, steps)
+        # a per-step schedule (OneCycleLR) is stepped after every optimizer step, as loop.fit steps it
+        self.per_step = self.scheduler is not None and scheduler_interval(cfg.scheduler) == "step"
         self.loss_fn = make_loss(cfg)
         self.step = StackedStep(self.model, self.optimizer, self.loss_fn, StepSettings.of(cfg))
         self.histories = {seed: History() for seed in seeds}
@@ -277,7 +281,9 @@ class _Stack:
         lr = current_lr(self.optimizer)
         perms = torch.stack([epoch_permutation(len(data.train), s, epoch, data.train.x.device) for s in self.live])
         n_batches = math.ceil(len(data.train) / self.cfg.data.batch_size)
-        losses = train_one_epoch(self.step, _batches(data.train, self.cfg.data.batch_size, perms), n_batches=n_batches)
+        on_step = self.scheduler.step if self.per_step else None
+        batches = _batches(data.train, self.cfg.data.batch_size, perms)
+        losses = train_one_epoch(self.step, batches, n_batches=n_batches, on_step=on_step)
         train_seconds = (time.perf_counter() - t0) / n_live  # per seed, evaluation excluded, as a plain trial
         evals = _evaluate(self.model, self.loss_fn, data.val, n_live) if data.val is not None else None
         seconds = (time.perf_counter() - t0) / n_live
@@ -340,7 +346,7 @@ def fit_stacked(
             stack.retire(diverged)
             if not stack.live:
                 break
-        if stack.scheduler is not None:  # epoch-driven only (stacking_refusal): the same for every seed
+        if stack.scheduler is not None and not stack.per_step:  # not metric-driven (stacking_refusal): one for all
             stack.scheduler.step()
     stack.finish()
     return [stack.histories[seed] for seed in seeds]
