@@ -182,6 +182,8 @@ def train(
             json_out,
             lambda: print_train_result(result, cfg.train.log_every),
         )
+    if result.primary:
+        report_line(result.run_dir)
     if result.history.status == "diverged":
         raise typer.Exit(1)
 
@@ -285,6 +287,7 @@ def compare(
         show(result.to_dict(), json_out, lambda: print_multitask(result, console))
     else:
         show(result.to_dict(), json_out, lambda: print_comparison(result))
+    report_line(result.run_dir)
 
 
 @app.command()
@@ -386,3 +389,58 @@ def optimizers(json_out: bool = JsonOpt) -> None:
 
     rows = list_optimizers()
     show(rows, json_out, lambda: console.print(optimizers_table(rows)))
+
+
+def report_line(run_dir: str | Path | None) -> None:
+    """Where a run's report.html is, on stderr (stdout may be one JSON document), with a file:// link."""
+    if run_dir is None:
+        return
+    path = Path(run_dir) / "report.html"
+    if path.is_file():
+        typer.echo(f"report: {path} ({path.resolve().as_uri()})", err=True)
+    else:
+        typer.echo(f"warning: no report.html in {run_dir}; `optcli report {run_dir}` says why", err=True)
+
+
+@app.command()
+@user_errors
+def report(
+    run_dirs: list[Path] = typer.Argument(..., metavar="RUN_DIR...", help="Run directories (train or compare)."),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", metavar="FILE", help="Where to write the page (default: RUN_DIR/report.html)."
+    ),
+    json_out: bool = JsonOpt,
+) -> None:
+    """(Re)build the self-contained HTML report of a run from its files; several runs side by side with -o.
+
+    Example: optcli report runs/before runs/after -o before-after.html
+    """
+    from optcli.errors import UserError
+    from optcli.report.html import build_report
+
+    if len(run_dirs) > 1 and output is None:
+        raise UserError("report: several runs go side by side into one page; name it with -o FILE")
+    result = build_report([str(d) for d in run_dirs], out=output)
+    show(
+        result,
+        json_out,
+        lambda: typer.echo(f"{result['report']} ({result['bytes'] / 1e6:.2f} MB, {result['seconds']:.2f} s)"),
+    )
+
+
+@app.command()
+@user_errors
+def runs(
+    out_dir: Path = typer.Option(Path("runs"), "--out-dir", metavar="DIR", help="The folder runs are written to."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """List the run directories under out_dir, newest first: command, task, optimizers, status, best metric.
+
+    Example: optcli runs --json
+    """
+    from optcli.report.console import console
+    from optcli.report.runs import runs_table
+    from optcli.rundir.listing import list_runs
+
+    rows = list_runs(out_dir)
+    show(rows, json_out, lambda: console.print(runs_table(rows)))

@@ -413,6 +413,9 @@ def save_comparison(cfg: Config, comparison: Comparison, *, run_dir: Path | None
         if "tensorboard" in cfg.train.loggers:
             for t in comparison.trials:
                 write_history(run_dir / TENSORBOARD_DIR / trial_dir_name(t.label, t.seed), t.history)
+        from optcli.report.html import report_after_run  # report.html and results.csv, from the files just saved
+
+        comparison.warnings += [w] if (w := report_after_run(run_dir)) else []
 
 
 def _task(cfg: Config) -> str:

@@ -158,4 +158,7 @@ def run_compare(
     from optcli.report.profile import save_profile_plot
 
     save_profile_plot(*curve(measures), parent / "profile.png", measure=measure)
+    from optcli.report.html import report_after_run
+
+    report_after_run(parent)  # one page, a section per task; when it fails the CLI says there is none
     return result

@@ -201,6 +201,9 @@ class RunWriter:
         history = history or self.history
         if history.epochs:
             save_run_plot(history, self.run_dir / "loss.png")
+        from optcli.report.html import report_after_run
+
+        report_after_run(self.run_dir)  # after summary.json is whole; when it fails the CLI says there is none
 
     def fail(self, exc: BaseException) -> None:
         """Mark the run failed with the reason, where the disk still allows it; the summary must not say running."""
