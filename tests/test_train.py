@@ -42,6 +42,8 @@ def test_run_directory_holds_every_file(tmp_path):
         "loss.png",
         "metrics.csv",
         "metrics.jsonl",
+        "report.html",  # the page of the run (report/html.py)
+        "results.csv",
         "summary.json",
     ]
     assert (run_dir / "metrics.csv").read_text().splitlines()[0].startswith("epoch,train_loss,val_loss")

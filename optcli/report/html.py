@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from optcli.errors import UserError
+from optcli.report.format import fmt
 from optcli.report.html_tables import aligned_table, differences_table, profile_tables, summary_table, train_table
 from optcli.report.html_tables import tuning_table as tuned_table
 from optcli.report.page_data import read_run, results_rows
@@ -73,8 +74,8 @@ def _verdict(section: dict) -> str:
         best = s.get("best") or {}
         text = f"{s['status']}: {s.get('epochs_completed')}/{s['epochs_planned']} epochs"
         if best:
-            what = "val loss" if best.get("val_loss") is not None else "train loss"
-            text += f"; best {what} {best.get('val_loss', best.get('train_loss'))} at epoch {best.get('epoch')}"
+            key = "val_loss" if best.get("val_loss") is not None else "train_loss"
+            text += f"; best {key.replace('_', ' ')} {fmt(best.get(key))} at epoch {best.get('epoch')}"
         return f'<p class="verdict">{escape(text)}</p>'
     verdicts = [v for v in s.get("verdicts") or [] if isinstance(v, dict)]
     if not verdicts:
@@ -103,11 +104,8 @@ def _plots(section: dict, prefix: str, plots: list[dict]) -> str:
     fallback = section["images"].get("loss.png")
     if fallback:
         out.append(f"<noscript>{_img(fallback, 'loss curves')}</noscript>")
-    band = escape(section["band"])
-    intro = (
-        f"<p>Median over seeds, band: {band}. Hover for values; click a name to hide it; "
-        "drag to zoom, double-click to reset.</p>"
-    )
+    spread = "One run, one seed." if section["kind"] == "train" else f"Median over seeds, band: {section['band']}."
+    intro = f"<p>{escape(spread)} Hover for values; click a name to hide it; drag to zoom, double-click to reset.</p>"
     return intro + "".join(out)
 
 

@@ -22,6 +22,11 @@
     return a >= 1 ? String(Number(v.toPrecision(4))) : v.toFixed(4);
   }
 
+  function fmtTick(v) {
+    var a = Math.abs(v);
+    return a !== 0 && (a < 1e-3 || a >= 1e5) ? v.toExponential(2) : String(Number(v.toPrecision(4)));
+  }
+
   function niceTicks(lo, hi, log) {
     if (log) {
       var out = [];
@@ -131,13 +136,13 @@
     niceTicks(sc.x0, sc.x1, false).forEach(function (t) {
       var x = sc.sx(t);
       el("line", { x1: x, x2: x, y1: M.t, y2: H - M.b, class: "grid" }, g);
-      el("text", { x: x, y: H - M.b + 16, "text-anchor": "middle" }, g, fmt(t));
+      el("text", { x: x, y: H - M.b + 16, "text-anchor": "middle" }, g, fmtTick(t));
     });
     var self = this;
     niceTicks(sc.y0, sc.y1, this.log).forEach(function (t) {
       var v = self.log ? Math.pow(10, t) : t, y = sc.sy(v);
       el("line", { x1: M.l, x2: W - M.r, y1: y, y2: y, class: "grid" }, g);
-      el("text", { x: M.l - 6, y: y + 4, "text-anchor": "end" }, g, fmt(v));
+      el("text", { x: M.l - 6, y: y + 4, "text-anchor": "end" }, g, fmtTick(v));
     });
     el("text", { x: (M.l + W - M.r) / 2, y: H - 6, "text-anchor": "middle", class: "axis-label" }, g, XLABEL[this.x]);
     el("text", { x: 14, y: (M.t + H - M.b) / 2, "text-anchor": "middle", class: "axis-label",
