@@ -193,6 +193,9 @@ def aligned_table(pages: list[dict]) -> str:
         values: dict[tuple[str, str], str] = {}
         for section in page["sections"]:
             s = section["summary"]
+            if section["kind"] == "train" and isinstance(s.get("best"), dict):
+                key = "val_loss" if s["best"].get("val_loss") is not None else "train_loss"
+                values[("", section["trial"]["label"])] = f"{fmt(s['best'].get(key))} (best {key.replace('_', ' ')})"
             for r in s.get("rows") or []:
                 key = "best_val_loss" if r.get("best_val_loss") is not None else "final_train_loss"
                 values[(section["name"] if page["kind"] == "multitask" else "", r["label"])] = (
