@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -57,17 +58,29 @@ def shown_name(name: object) -> str:
 ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "leaky_relu", "elu", "silu")
 
 
+MLP = "mlp"  # model.name of the built-in MLP
+MLP_ONLY = ("hidden", "activation", "dropout", "batch_norm")  # model keys a user's model does not take
+IMPORT_PATH = r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*"  # pkg.module:factory
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _default_task() -> str:
+    from optcli.tasks.registry import DEFAULT_TASK
+
+    return DEFAULT_TASK
+
+
 class DataConfig(Section):
-    name: Literal["mnist", "regression", "function"] = "regression"
+    name: str = Field(default_factory=lambda: _default_task())  # a task registered in optcli/tasks/ (tasks.registry)
     seed: Seed = 0  # the synthetic data and the train/validation split; kept apart from the run's seed
     root: str = "data"  # torchvision root: MNIST lives in <root>/MNIST/raw
     download: bool = True  # fetch MNIST when it is missing
     batch_size: int = Field(64, gt=0)
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)  # held out of the training split for validation
+    val_split: Literal["random", "last"] = "random"  # a split seeded by data.seed, or the last samples in file order
     normalize: Literal["standardize", "unit", "none"] = "standardize"  # MNIST pixels: (x/255-mean)/std, x/255, x
     target: Literal["teacher", "random"] = "teacher"  # regression: teacher + noise, or the tutorial's N(0,1)
     noise: float = Field(0.5, ge=0.0)  # regression teacher: std of the target noise; the val MSE floor is noise**2
@@ -75,19 +88,31 @@ class DataConfig(Section):
     inputs: int = Field(20, gt=0)  # regression only: D_in
     outputs: int = Field(1, gt=0)  # regression only: D_out
 
-    @model_validator(mode="after")
-    def _normalize_is_for_mnist(self) -> DataConfig:
-        if self.name == "regression" and self.normalize != "standardize":
-            raise ValueError("data.normalize: applies to MNIST only; the regression inputs are already N(0, 1)")
-        return self
-
     function: Literal["rosenbrock", "rastrigin", "beale", "quadratic"] = "rosenbrock"  # data.name=function only
     start: list[float] | None = Field(None, min_length=2, max_length=2)  # function: start point; None: its default
     start_jitter: float = Field(0.1, ge=0.0)  # function: each seed moves the start by this times N(0, I)
     condition: float = Field(10.0, ge=1.0)  # function=quadratic: the condition number (curvature ratio)
 
+    path: str | None = None  # data.name=file: a CSV, NPY, NPZ or Parquet file (relative to the config's folder)
+    target_column: str | None = None  # file, CSV/Parquet: the target's column; None: the last one
+    x_key: str = "x"  # file, NPZ: the features' array
+    y_key: str = "y"  # file, NPZ: the targets' array
+    task: str | None = None  # file: classification or regression; None: inferred from the targets' type
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from optcli.tasks.registry import task_hint, task_names
+
+        if name not in task_names():
+            raise ValueError(f"no such task ({task_hint(name)})")
+        return name
+
 
 class ModelConfig(Section):
+    name: str = "mlp"  # the built-in MLP, or a user's factory by import path pkg.module:factory (runs their code)
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # a user's factory: its keyword arguments
+    path: str | None = None  # a folder put on the import path first (relative to the config's folder)
     hidden: list[int] = Field(default_factory=lambda: [64], min_length=1)
     activation: Literal[ACTIVATIONS] = "relu"  # type: ignore[valid-type]
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -101,6 +126,33 @@ class ModelConfig(Section):
         if any(w <= 0 for w in widths):
             raise ValueError(f"every hidden width must be > 0 (got {widths})")
         return widths
+
+    @field_validator("name")
+    @classmethod
+    def _mlp_or_import_path(cls, name: str) -> str:
+        if name != MLP and not re.fullmatch(IMPORT_PATH, name):
+            raise ValueError("must be mlp or an import path pkg.module:factory")
+        return name
+
+    @model_validator(mode="after")
+    def _keys_fit_the_model(self) -> ModelConfig:
+        if self.name == MLP:
+            if self.kwargs:
+                raise ValueError(
+                    "model.kwargs: are a user's factory's keywords; model.name is mlp (use model.hidden, ...)"
+                )
+            return self
+        for key in MLP_ONLY:  # compared with the defaults: a saved config.yaml spells every key out
+            if getattr(self, key) != ModelConfig.model_fields[key].get_default(call_default_factory=True):
+                raise ValueError(
+                    f"model.{key}: applies to the built-in MLP only; model.name is {self.name} "
+                    f"(give its factory's own keywords in model.kwargs)"
+                )
+        return self
+
+    @property
+    def is_user_model(self) -> bool:
+        return self.name != MLP
 
 
 class ParamGroupConfig(BaseModel):
@@ -150,19 +202,22 @@ Logger = Literal["csv", "tensorboard"]
 class EarlyStoppingConfig(Section):
     """Stop when `metric` has not improved by more than min_delta for `patience` epochs (Keras' EarlyStopping)."""
 
-    metric: Literal["val_loss", "val_accuracy", "train_loss"] = "val_loss"
+    metric: Literal["val_loss", "val_accuracy", "val_r2", "train_loss"] = "val_loss"
     patience: int = Field(5, ge=1)
     min_delta: float = Field(0.0, ge=0.0)
-    mode: Literal["auto", "min", "max"] = "auto"  # auto: max for accuracy, min for losses
+    mode: Literal["auto", "min", "max"] = "auto"  # auto: max for accuracy and R², min for losses
 
     @property
     def maximize(self) -> bool:
-        return self.mode == "max" or (self.mode == "auto" and self.metric.endswith("accuracy"))
+        from optcli.tasks.base import higher_is_better
+
+        return self.mode == "max" or (self.mode == "auto" and higher_is_better(self.metric))
 
 
 class TrainConfig(Section):
     epochs: int = Field(20, gt=0)
-    loss: Literal["cross_entropy", "mse", "value"] = "mse"  # value: the 2-D test function's value itself
+    loss: str | None = None  # None: the task's own; mse, cross_entropy, value or a torch.nn.functional loss by name
+    loss_kwargs: dict[str, Any] = Field(default_factory=dict)  # the loss function's keywords (huber_loss: delta)
     reduction: Literal["mean", "sum"] = "mean"
     grad_clip: float | None = Field(None, gt=0)  # max global gradient norm
     accumulate: int = Field(1, gt=0)  # optimizer step every k batches
@@ -208,21 +263,10 @@ class Config(Section):
         return value
 
     @model_validator(mode="after")
-    def _loss_fits_task(self) -> Config:
-        if self.data.name == "regression" and self.train.loss == "cross_entropy":
-            raise ValueError("train.loss: cross_entropy needs class labels; data.name=regression wants mse")
-        if self.data.name == "mnist" and self.train.loss == "mse":
-            raise ValueError("train.loss: mse needs real-valued targets; data.name=mnist wants cross_entropy")
-        if (self.data.name == "function") != (self.train.loss == "value"):
-            raise ValueError("train.loss: value goes with data.name=function, and only with it (the loss is f(x, y))")
-        stop = self.train.early_stopping
-        if stop is not None and stop.metric.startswith("val_") and self.data.val_fraction == 0:
-            raise ValueError(
-                f"train.early_stopping.metric: {stop.metric} needs a validation split; "
-                f"set data.val_fraction > 0 (or monitor train_loss)"
-            )
-        if stop is not None and stop.metric == "val_accuracy" and self.data.name != "mnist":
-            raise ValueError("train.early_stopping.metric: val_accuracy needs a classification task (data.name: mnist)")
+    def _task_accepts(self) -> Config:
+        from optcli.tasks.registry import task_class
+
+        task_class(self.data.name).validate(self)  # the loss, early stopping and model against the task
         return self
 
 
@@ -364,7 +408,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not isinstance(raw, dict):
         raise UserError(f"{source}: the top level must be a mapping of keys, got a {type(raw).__name__}")
     raw = apply_overrides(raw, list(overrides or []))
+    base = Path(path).parent if path is not None else None
+    for section in ("model", "data"):  # before validation, which may read the data file
+        node = raw.get(section)
+        if isinstance(node, dict) and isinstance(node.get("path"), str):
+            node["path"] = resolve_path(node["path"], base)
     return validate(raw, source)
+
+
+def resolve_path(value: str, base: Path | None) -> str:
+    """A path of a config, absolute: relative to the config file's folder when it is there, else to the working
+    directory. Absolute, so that the run's config.yaml, resumes and worker processes find the same file."""
+    path = Path(value).expanduser()
+    if not path.is_absolute() and base is not None and (base / path).exists():
+        path = base / path
+    return str(path.resolve())
 
 
 def to_yaml(cfg: Config) -> str:

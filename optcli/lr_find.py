@@ -137,7 +137,7 @@ def lr_find(
     lr itself). Writes the plot to `plot` when given, nowhere else."""
     _check(min_lr, max_lr, steps, beta, diverge, rule)
     cfg = with_optimizer(cfg, optimizer_spec)
-    check_model_config(cfg.model)
+    check_model_config(cfg)
     check_optimizer(cfg.optimizer)
     if plot is not None and Path(plot).is_dir():
         raise UserError(f"--plot: {plot} is a directory; give a file name such as lr_find.png")

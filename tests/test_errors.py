@@ -104,7 +104,7 @@ CASES = [
     ("hidden-zero", "train", _sets("model.hidden=[10,0]"), 2, "every hidden width must be > 0"),
     ("activation", "train", _sets("model.activation=swish"), 2, "model.activation: Input should be"),
     ("init", "train", _sets("model.init=glorot"), 2, "model.init: unknown scheme 'glorot'"),
-    ("loss", "train", _sets("train.loss=hinge"), 2, "train.loss: Input should be"),
+    ("loss", "train", _sets("train.loss=huber"), 2, "train.loss: unknown loss 'huber' (did you mean 'huber_loss'?)"),
     ("device-name", "train", _sets("device=tpu"), 2, "device: must be auto, cpu, cuda, cuda:N or mps"),
     (
         "optimizer-name",
@@ -131,7 +131,7 @@ CASES = [
         "StepLR takes no argument 'gama'",
     ),
     ("ce-on-regression", "train", _sets("train.loss=cross_entropy"), 2, "cross_entropy needs class labels"),
-    ("mse-on-mnist", "train", _sets("data.name=mnist"), 2, "mse needs real-valued targets"),
+    ("mse-on-mnist", "train", _sets("data.name=mnist", "train.loss=mse"), 2, "mse needs real-valued targets"),
     ("sparseadam-dense", "train", _sets("optimizer.name=SparseAdam"), 2, "SparseAdam does not support dense gradients"),
     ("val-fraction", "train", _sets("data.val_fraction=1.5"), 2, "data.val_fraction: Input should be less than 1"),
     ("freeze-everything", "train", _sets("model.freeze=['*']"), 2, "every parameter is frozen"),

@@ -105,7 +105,8 @@ def test_compare_draws_trajectories_and_reports_distance_and_value(tmp_path, rep
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["--set", "data.name=function"], "train.loss: value goes with data.name=function"),
+        (["--set", "data.name=function", "--set", "train.loss=mse"], "train.loss: value goes with data.name=function"),
+        (["--set", "train.loss=value"], "train.loss: value goes with data.name=function"),
         ([*QUAD, "--set", "data.start=[1,2,3]"], "data.start"),
         ([*QUAD, "--set", "data.function=himmelblau"], "data.function"),
         ([*QUAD, "--set", "data.condition=0.5"], "data.condition"),

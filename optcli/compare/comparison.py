@@ -58,7 +58,9 @@ from optcli.rundir.loggers import TENSORBOARD_DIR, check_loggers, trial_dir_name
 from optcli.rundir.provenance import provenance
 from optcli.rundir.schema import FORMAT_VERSION
 from optcli.tasks import load_data
-from optcli.tasks.functions import FUNCTIONS, grid, plot_box, start_point
+from optcli.tasks.base import lacks_metric
+from optcli.tasks.functions import grid
+from optcli.tasks.registry import get_task
 from optcli.tasks.regression import loss_floor
 
 # (key, label, lower is better)
@@ -67,6 +69,7 @@ METRICS = [
     ("best_val_loss", "best val loss", True),
     ("val_accuracy", "val accuracy", False),
     ("test_accuracy", "test accuracy", False),
+    ("val_r2", "val R²", False),
 ]
 
 
@@ -173,6 +176,7 @@ def trial_metrics(history: History, target: Target | None = None) -> dict[str, f
         "best_val_loss": best.val_loss if best else None,
         "val_accuracy": best.val_accuracy if best else None,
         "test_accuracy": history.test_accuracy,
+        "val_r2": best.val_r2 if best else None,
         "epochs_to_best": best.epoch if best else None,
         "seconds_per_epoch": statistics.fmean(e.seconds for e in history.epochs) if history.epochs else None,
         "state_bytes": last.dynamics["state_bytes"] if last and last.dynamics else None,
@@ -302,7 +306,7 @@ def run_comparison(
     for spec in specs:
         check_closure_settings(resolve_optimizer(spec.name), cfg.train.accumulate, f"optimizer spec '{spec.label}'")
     goal = check_target(cfg, target) if target is not None else None
-    check_model_config(cfg.model)
+    check_model_config(cfg)
     check_scheduler(cfg.scheduler, cfg.train.epochs)
     check_runner_options(jobs=jobs, vectorize=vectorize, backend=backend)
     check_loggers(cfg)
@@ -387,8 +391,8 @@ def run_comparison(
             optimizer_classes=[resolve_optimizer(s.name) for s in specs],
         )
         comparison.notes = notes
-        if cfg.data.name == "function" and stopped is None:
-            comparison.function = describe_function(cfg.data, seed_list, trials)
+        if stopped is None:
+            comparison.function = get_task(cfg.data).describe_comparison(seed_list, trials)
         comparison.wall_seconds = time.perf_counter() - started
         if stopped is not None:
             comparison.status, comparison.interrupted_by = "interrupted", signal.Signals(stopped).name
@@ -419,7 +423,7 @@ def save_comparison(cfg: Config, comparison: Comparison, *, run_dir: Path | None
 
 
 def _task(cfg: Config) -> str:
-    return {"mnist": "classification", "function": "function"}.get(cfg.data.name, "regression")
+    return get_task(cfg.data).kind.value
 
 
 def check_runner_options(*, jobs: int, vectorize: bool, backend: str) -> None:
@@ -442,12 +446,13 @@ def comparison_config_yaml(cfg: Config) -> str:
 
 def check_target(cfg: Config, text: str) -> Target:
     """--target parsed, and refused when no epoch's evaluation can hold its metric."""
-    metrics = [f.name for f in fields(EpochMetrics) if f.name.endswith(("loss", "accuracy"))]
+    task = get_task(cfg.data)
+    metrics = [f.name for f in fields(EpochMetrics) if f.name.endswith(("loss", "accuracy", "r2"))]
     target = parse_target(text, metrics)
     if target.metric.startswith("val_") and cfg.data.val_fraction == 0:
         raise UserError(f"--target {text}: {target.metric} needs a validation split; set data.val_fraction > 0")
-    if target.metric.endswith("accuracy") and cfg.data.name != "mnist":
-        raise UserError(f"--target {text}: accuracy needs a classification task (data.name=mnist); try val_loss")
+    if target.metric not in task.metrics:
+        raise UserError(f"--target {text}: {lacks_metric(task, target.metric)}; try val_loss")
     return target
 
 
@@ -536,22 +541,6 @@ def write_comparison(config_yaml: str, comparison: Comparison, run_dir) -> None:
 
         write_csv(run_dir / "tuning.csv", tuning_rows(comparison.tuning))
         save_tuning_plot(comparison.tuning, run_dir / "tuning.png")
-
-
-def describe_function(cfg: DataConfig, seeds: list[int], trials: list[Trial]) -> dict:
-    """What the trajectory plot needs besides the trials: the function, its minimum, each seed's start, a box."""
-    known = FUNCTIONS[cfg.function]
-    starts = {seed: start_point(cfg, seed) for seed in seeds}
-    points = list(starts.values()) + [
-        [e.position["x"], e.position["y"]] for t in trials for e in t.history.epochs if e.position
-    ]
-    return {
-        "name": cfg.function,
-        "minimum": list(known.minimum),
-        "starts": starts,
-        "box": plot_box(known.box, points),
-        "data": cfg.model_dump(mode="json"),
-    }
 
 
 def yaml_specs(comparison: Comparison) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from optcli.compare.comparison import Comparison, Trial, build_comparison, describe_function, write_comparison
+from optcli.compare.comparison import Comparison, Trial, build_comparison, write_comparison
 from optcli.compare.runners import OptimizerSpec
 from optcli.compare.stats import Target
 from optcli.config import DataConfig, read_yaml
@@ -19,6 +19,7 @@ from optcli.rundir import signals
 from optcli.rundir.files import RunLock, check_run_name, create_run_dir
 from optcli.rundir.provenance import differences
 from optcli.rundir.schema import parse_comparison_summary
+from optcli.tasks.registry import get_task
 
 EPOCH_FIELDS = [f.name for f in dataclasses.fields(EpochMetrics)]
 
@@ -100,8 +101,8 @@ def merge_comparisons(run_dirs: list[str], *, out_dir: str = "runs", name: str |
         comparison.warnings.append(f"the merged parts ran with different software or settings: {'; '.join(differ)}")
     out = create_run_dir(out_dir, name, prefix="compare-merged-")
     comparison.run_dir = str(out)
-    if first["task"] == "function":  # the trajectories need each seed's start point, rebuilt from the config
-        comparison.function = describe_function(DataConfig(**config["data"]), seeds, trials)
+    # what the task adds to a comparison (a 2-D function's trajectories from each seed's start), from the config
+    comparison.function = get_task(DataConfig(**config["data"])).describe_comparison(seeds, trials)
     config_yaml = yaml.safe_dump({**config, "merged_from": [str(d) for d in run_dirs]}, sort_keys=False)
     with RunLock(out), signals.stop_on_signals(), signals.held():
         write_comparison(config_yaml, comparison, out)

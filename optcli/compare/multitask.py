@@ -132,7 +132,7 @@ def run_compare(
     for name, (_, cfg), target in zip(names, cfgs, targets, strict=True):
         if target is not None:
             check_target(cfg, target)
-        check_model_config(cfg.model)
+        check_model_config(cfg)
         check_scheduler(cfg.scheduler, cfg.train.epochs)
         if tuning and cfg.data.val_fraction == 0:
             raise UserError(f"task {name}: tuning needs a validation split; set data.val_fraction > 0 in it")

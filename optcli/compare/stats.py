@@ -98,14 +98,16 @@ class Target:
 
 
 def parse_target(text: str, metrics: list[str]) -> Target:
-    """'val_accuracy=0.97' -> Target; the direction follows from the metric's name (accuracy up, loss down)."""
+    """'val_accuracy=0.97' -> Target; the direction follows from the metric (accuracy and R² up, losses down)."""
     name, sep, raw = text.partition("=")
     name = name.strip()
     if not sep or not name:
         raise UserError(f"--target {text}: expected metric=value, e.g. val_accuracy=0.97 or val_loss=0.1")
     if name not in metrics:
         raise UserError(f"--target {text}: unknown metric '{name}' (per-epoch metrics: {', '.join(metrics)})")
-    if "accuracy" in name:
+    from optcli.tasks.base import higher_is_better
+
+    if higher_is_better(name):  # accuracy, R²
         higher = True
     elif "loss" in name:
         higher = False

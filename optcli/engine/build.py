@@ -11,9 +11,10 @@ from torch import nn
 
 from optcli.config import Config
 from optcli.engine.feasibility import check_trainable
-from optcli.engine.model import build_model
+from optcli.engine.model import apply_init_and_freeze, build_model
 from optcli.engine.optimizers import build_optimizer, build_scheduler, needs_closure
 from optcli.tasks import Data, steps_per_epoch
+from optcli.tasks.registry import get_task
 
 
 def seed_torch(seed: int) -> None:
@@ -48,11 +49,16 @@ def torch_settings(cfg: Config, *, threads: int | None = None) -> Iterator[None]
 
 
 def build_task_model(cfg: Config, in_features: int, out_features: int) -> nn.Module:
-    """The MLP of the config, or for a 2-D test function the point (x, y) itself, started where the seed says."""
-    if cfg.data.name == "function":
-        from optcli.tasks.functions import Point, start_point
+    """The task's own model when it has one (a 2-D function's point, started where the seed says), else the
+    config's: the MLP or a user's factory (model.name), with model.init and model.freeze applied."""
+    task = get_task(cfg.data)
+    own = task.default_model(cfg.seed)
+    if own is not None:
+        return own
+    if cfg.model.is_user_model:
+        from optcli.engine.user_model import build_user_model
 
-        return Point(cfg.data, start_point(cfg.data, cfg.seed))
+        return apply_init_and_freeze(build_user_model(cfg.model, task, in_features, out_features), cfg.model)
     return build_model(cfg.model, in_features, out_features)
 
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from optcli.config import Config
 from optcli.engine.loop import EpochCallback, EpochMetrics
-from optcli.tasks.functions import FUNCTIONS, Point, evaluate_at
+from optcli.tasks.registry import get_task
 
 
 def layer_of(name: str) -> str:
@@ -123,32 +123,7 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-class PositionTracker:
-    """An epoch callback (train.EpochCallback): the point, f there and the distance to the known minimum after
-    each epoch (one step), in EpochMetrics.position; compare draws the trajectories from it."""
-
-    def __init__(self, model: Point):
-        self.model = model
-        self.minimum = FUNCTIONS[model.cfg.function].minimum
-
-    def epoch_end(self, metrics: EpochMetrics, step_losses: torch.Tensor) -> None:
-        x, y = self.model.xy.detach().double().tolist()
-        value = evaluate_at(self.model.cfg, [x, y])
-        finite = all(math.isfinite(v) for v in (x, y, value))
-        metrics.position = {
-            "x": x if math.isfinite(x) else None,
-            "y": y if math.isfinite(y) else None,
-            "value": value if finite else None,
-            "distance": math.dist((x, y), self.minimum) if finite else None,
-        }
-
-    def close(self) -> None:
-        """Nothing to release."""
-
-
 def epoch_callbacks(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer) -> list[EpochCallback]:
     """The measurements a run or trial takes after each epoch; each has close() to call when training ends."""
     callbacks: list[EpochCallback] = [Dynamics(model, optimizer)] if cfg.train.dynamics else []
-    if isinstance(model, Point):
-        callbacks.append(PositionTracker(model))
-    return callbacks
+    return callbacks + get_task(cfg.data).epoch_callbacks(model)

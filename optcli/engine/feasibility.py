@@ -94,4 +94,6 @@ def check_memory(cfg: Config, *, n_train: int, in_features: int, out_features: i
 
 def check_trainable(cfg: Config, *, n_train: int, in_features: int, out_features: int, device: torch.device) -> None:
     check_batch_norm(cfg, n_train)
+    if cfg.model.is_user_model:
+        return  # its size is known only once it is built (model.hidden describes the MLP alone)
     check_memory(cfg, n_train=n_train, in_features=in_features, out_features=out_features, device=device)

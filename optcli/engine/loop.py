@@ -20,6 +20,7 @@ from torch import nn
 
 from optcli.config import Config, EarlyStoppingConfig
 from optcli.engine.distributed import SINGLE, Dist
+from optcli.engine.losses import build_loss
 from optcli.engine.optimizers import current_lr, is_plateau, needs_closure, scheduler_interval
 from optcli.engine.stepping import (
     PRECISION_DTYPES,
@@ -33,9 +34,8 @@ from optcli.engine.stepping import (
 )
 from optcli.errors import UserError
 from optcli.tasks import Data, Split, batches, epoch_permutation, steps_per_epoch
-from optcli.tasks.functions import FunctionValue
+from optcli.tasks.base import is_real_valued, r2_score
 
-LossFn = nn.CrossEntropyLoss | nn.MSELoss | FunctionValue
 EVAL_BATCH = 8192  # evaluation needs no gradients, so large batches are cheap and fast
 
 
@@ -51,6 +51,7 @@ class EpochMetrics:
     train_seconds: float = 0.0  # training time since the start of the run, evaluation excluded
     dynamics: dict | None = None  # per layer: gradient norm, update-to-weight ratio, step size (dynamics.py)
     position: dict | None = None  # 2-D test functions: x, y, f(x, y), distance to the minimum after the epoch
+    val_r2: float | None = None  # regression: R² on the validation split (higher is better)
 
     def csv_row(self) -> dict:
         """The flat columns of metrics.csv; the nested dynamics and position go to metrics.jsonl only."""
@@ -85,20 +86,21 @@ class History:
         self,
         *,
         epoch: int,
-        losses: tuple[float, float | None, float | None],
+        losses: tuple[float, float | None, float | None, float | None],
         lr: float,
         seconds: float,
         steps: int,
         train_seconds: float,
     ) -> EpochMetrics:
-        """This epoch's metrics: `losses` is (train loss, val loss, val accuracy); `steps` and `train_seconds` are
-        the epoch's own, added to the run's totals so far."""
+        """This epoch's metrics: `losses` is (train loss, val loss, val accuracy, val R²); `steps` and
+        `train_seconds` are the epoch's own, added to the run's totals so far."""
         previous = self.epochs[-1] if self.epochs else None
         return EpochMetrics(
             epoch=epoch,
             train_loss=losses[0],
             val_loss=losses[1],
             val_accuracy=losses[2],
+            val_r2=losses[3],
             lr=lr,
             seconds=seconds,
             steps=(previous.steps if previous else 0) + steps,
@@ -182,11 +184,9 @@ def early_stop(history: History, rule: EarlyStoppingConfig) -> dict | None:
     return {"epoch": history.epochs[-1].epoch, "best_epoch": best_epoch, "metric": rule.metric, "best": best}
 
 
-def make_loss(cfg: Config, dist: Dist = SINGLE) -> LossFn:
-    if cfg.train.loss == "value":  # a 2-D test function: the model's output is the loss
-        return FunctionValue(reduction=cfg.train.reduction)
-    cls = nn.CrossEntropyLoss if cfg.train.loss == "cross_entropy" else nn.MSELoss
-    return cls(reduction="sum" if dist.enabled else cfg.train.reduction)
+def make_loss(cfg: Config, dist: Dist = SINGLE) -> Loss:
+    """train.loss (or the task's own), summed over samples on the ranks of a torchrun job (see loss_weight)."""
+    return build_loss(cfg, "sum" if dist.enabled else cfg.train.reduction)
 
 
 def train_one_epoch(
@@ -234,28 +234,39 @@ def check_closure_settings(optimizer_cls: type, accumulate: int, where: str = "o
         )
 
 
+def eval_width(split: Split) -> int:
+    """The sums add_eval_batch keeps: the loss, correct predictions, and for real-valued targets the squared error
+    of each output (for R²)."""
+    return 2 + (split.y.shape[1] if is_real_valued(split.y) else 0)
+
+
 def add_eval_batch(sums: torch.Tensor, out: torch.Tensor, y: torch.Tensor, loss_fn: Loss) -> None:
-    """Adds one chunk's loss summed over its samples to sums[0] and, for classification, its correct predictions
-    to sums[1]."""
+    """Adds one chunk's loss summed over its samples to sums[0], for classification its correct predictions to
+    sums[1], for real-valued targets each output's summed squared error to sums[2:]."""
     sums[0] += sample_sum(loss_fn(out, y), len(y), loss_fn.reduction)
     if y.dtype == torch.long:
         sums[1] += (out.argmax(dim=1) == y).sum()
+    elif len(sums) > 2 and out.shape == y.shape:
+        sums[2:] += (out.float() - y).square().sum(dim=0)
 
 
-def averages(sums: list[float], split: Split) -> tuple[float, float | None]:
-    """(average loss, accuracy) from add_eval_batch's sums over `split`; accuracy is None for regression."""
-    total, correct = sums
-    return total / len(split), (correct / len(split) if split.y.dtype == torch.long else None)
+def averages(sums: list[float], split: Split) -> tuple[float, float | None, float | None]:
+    """(average loss, accuracy, R²) from add_eval_batch's sums over `split`; accuracy only for class labels, R²
+    only for real-valued targets."""
+    total, correct = sums[:2]
+    accuracy = correct / len(split) if split.y.dtype == torch.long else None
+    r2 = r2_score(torch.tensor(sums[2:]), split.y) if len(sums) > 2 else None
+    return total / len(split), accuracy, r2
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module, loss_fn: Loss, split: Split, *, dist: Dist = SINGLE, precision: str = "32"
-) -> tuple[float, float | None]:
-    """(average loss, accuracy) over `split`; accuracy is None for regression. Each rank evaluates its shard."""
+) -> tuple[float, float | None, float | None]:
+    """(average loss, accuracy, R²) over `split` (see averages). Each rank evaluates its shard."""
     model.eval()
     x_all, y_all = dist.shard(split.x), dist.shard(split.y)
-    sums = torch.zeros(2, device=split.x.device)  # loss summed over samples, correct predictions
+    sums = torch.zeros(eval_width(split), device=split.x.device)
     for start in range(0, len(x_all), EVAL_BATCH):
         x, y = x_all[start : start + EVAL_BATCH], y_all[start : start + EVAL_BATCH]
         with autocast(precision, split.x.device.type):
@@ -317,7 +328,7 @@ def fit(
     history.set_status(stop=stop, done=True)
     if run.data.test is not None:
         precision = run.cfg.train.precision
-        history.test_loss, history.test_accuracy = evaluate(
+        history.test_loss, history.test_accuracy, _ = evaluate(
             run.model, loss_fn, run.data.test, dist=run.dist, precision=precision
         )
     return history
@@ -340,10 +351,10 @@ def _epoch(
     set_mode(run.optimizer, training=False)  # before evaluation and before the checkpoint (on_epoch)
     finite = bool(torch.isfinite(losses).all())
     train_end = time.perf_counter()  # after the host sync above, so queued device work is counted
-    val_loss, val_acc = (
+    val_loss, val_acc, val_r2 = (
         evaluate(run.model, step.loss_fn, data.val, dist=run.dist, precision=cfg.train.precision)
         if data.val is not None and finite
-        else (None, None)
+        else (None, None, None)
     )
     train_loss = losses.sum().item() / len(data.train)
     bad_step = divergence(losses, val_loss)
@@ -352,7 +363,7 @@ def _epoch(
         scheduler.step(val_loss if val_loss is not None else train_loss) if is_plateau(scheduler) else scheduler.step()
     metrics = history.next_epoch(
         epoch=epoch,
-        losses=(train_loss, val_loss, val_acc),
+        losses=(train_loss, val_loss, val_acc, val_r2),
         lr=lr,
         seconds=time.perf_counter() - t0,
         steps=steps_per_epoch(len(data.train), cfg.data.batch_size, step.accumulate),

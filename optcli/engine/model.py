@@ -1,9 +1,11 @@
-"""The MLP (Linear / [BatchNorm1d] / activation / [Dropout] per hidden layer) and its init schemes."""
+"""The MLP (Linear / [BatchNorm1d] / activation / [Dropout] per hidden layer), its init schemes, and the checks of
+a config's model (the MLP's, or a user's: engine/user_model.py) and loss (engine/losses.py)."""
 
 from __future__ import annotations
 
 import fnmatch
 import inspect
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -11,8 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from optcli.config import ModelConfig
+from optcli.config import Config, ModelConfig
 from optcli.errors import UserError
+from optcli.tasks.registry import get_task
 
 ACTIVATION_CLASSES = {
     "relu": nn.ReLU,
@@ -97,24 +100,47 @@ def init_schemes() -> dict[str, Callable[..., Any]]:
     return schemes
 
 
-def check_model_config(cfg: ModelConfig) -> None:
+def check_init(cfg: ModelConfig) -> None:
     if cfg.init != "default" and cfg.init not in init_schemes():
         raise UserError(
             f"model.init: unknown scheme '{cfg.init}' (valid: default, {', '.join(sorted(init_schemes()))})"
         )
 
 
-def build_model(cfg: ModelConfig, in_features: int, out_features: int) -> MLP:
-    """The MLP with its init applied and frozen parameters marked. Draws from torch's global RNG:
-    seed it first for repeatable initial weights."""
-    check_model_config(cfg)
-    model = MLP(in_features, cfg.hidden, out_features, cfg.activation, cfg.dropout, cfg.batch_norm)
+def check_model_config(cfg: Config) -> None:
+    """The model and the loss of a config, checked before any data is loaded or file written: the init scheme, a
+    user's model (imported, built once, its output shape against the task's), the loss and its keywords."""
+    from optcli.engine.losses import build_loss, check_loss, loss_name
+    from optcli.engine.user_model import check_user_model
+
+    check_init(cfg.model)
+    task = get_task(cfg.data)
+    if cfg.model.is_user_model:
+        check_user_model(cfg.model, task)
+    check_loss(cfg)
+    if task.default_model(cfg.seed) is not None:
+        return  # the task's own model and loss go together
+    x, y = task.example_batch(2)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch warns, and goes on, when a loss broadcasts mismatched shapes
+            build_loss(cfg, cfg.train.reduction)(torch.zeros(2, task.shapes()[1]), y)
+    except (RuntimeError, ValueError, TypeError, Warning) as exc:
+        raise UserError(
+            f"train.loss: {loss_name(cfg)} cannot take this task's outputs and targets "
+            f"({str(exc).splitlines()[0][:200]})"
+        ) from None
+
+
+def apply_init_and_freeze(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """model.init on every Linear and convolution (weights by the scheme, biases zero), then model.freeze."""
     if cfg.init != "default":
         fill = init_schemes()[cfg.init]
         for module in model.modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
                 fill(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
     names = [n for n, _ in model.named_parameters()]
     for pattern in cfg.freeze:
         matched = fnmatch.filter(names, pattern)
@@ -122,6 +148,15 @@ def build_model(cfg: ModelConfig, in_features: int, out_features: int) -> MLP:
             raise UserError(f"model.freeze: '{pattern}' matches no parameter (names: {', '.join(names)})")
         for name in matched:
             model.get_parameter(name).requires_grad_(False)
+    return model
+
+
+def build_model(cfg: ModelConfig, in_features: int, out_features: int) -> MLP:
+    """The MLP with its init applied and frozen parameters marked. Draws from torch's global RNG:
+    seed it first for repeatable initial weights."""
+    check_init(cfg)
+    model = MLP(in_features, cfg.hidden, out_features, cfg.activation, cfg.dropout, cfg.batch_norm)
+    apply_init_and_freeze(model, cfg)
     return model
 
 

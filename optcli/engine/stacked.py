@@ -37,6 +37,7 @@ from optcli.engine.loop import (
     add_eval_batch,
     averages,
     divergence,
+    eval_width,
     make_loss,
     train_one_epoch,
 )
@@ -51,6 +52,7 @@ from optcli.engine.optimizers import (
 )
 from optcli.engine.stepping import Loss, PlainStep, StepSettings, sample_sum
 from optcli.tasks import Data, Split, epoch_permutation, steps_per_epoch
+from optcli.tasks.registry import get_task
 
 # The one place that says which optimizers update elementwise, as (module, class): their step reads an entry's
 # own gradient and state and per-tensor scalars that depend on the step count only. tests/test_vectorized.py
@@ -85,8 +87,11 @@ def elementwise_optimizers() -> list[type]:
 def stacking_refusal(cfg: Config, spec: OptimizerSpec, device: torch.device) -> str | None:
     """Why the seeds of `spec` must run the plain path (one line), or None when stacking them is exact."""
     cls = resolve_optimizer(spec.name)
-    if cfg.data.name == "function":
-        return "a 2-D test function's model is the point itself, not an MLP"
+    own_model = get_task(cfg.data).own_model_note
+    if own_model is not None:
+        return own_model
+    if cfg.model.is_user_model:
+        return f"model.name {cfg.model.name} is a user's model; only the built-in MLP is stacked"
     if cls not in elementwise_optimizers():
         return f"{cls.__name__} is not on the elementwise list (optcli.engine.stacked.ELEMENTWISE)"
     if cfg.train.grad_clip is not None:
@@ -231,10 +236,12 @@ def _batches(split: Split, batch_size: int, perms: torch.Tensor) -> Iterator[tup
 
 
 @torch.no_grad()
-def _evaluate(model: StackedMLP, loss_fn: Loss, split: Split, seeds: int) -> list[tuple[float, float | None]]:
+def _evaluate(
+    model: StackedMLP, loss_fn: Loss, split: Split, seeds: int
+) -> list[tuple[float, float | None, float | None]]:
     """loop.evaluate for every live seed: the same chunks, sums and order, per slice."""
     model.eval()
-    sums = torch.zeros(seeds, 2, device=split.x.device)
+    sums = torch.zeros(seeds, eval_width(split), device=split.x.device)
     for start in range(0, len(split), EVAL_BATCH):
         x, y = split.x[start : start + EVAL_BATCH], split.y[start : start + EVAL_BATCH]
         out = model(x.expand(seeds, *x.shape))
@@ -291,11 +298,11 @@ class _Stack:
         for s, seed in enumerate(self.live):
             column, history = losses[s], self.histories[seed]
             finite = bool(torch.isfinite(column).all())
-            val_loss, val_acc = evals[s] if evals is not None and finite else (None, None)
+            val_loss, val_acc, val_r2 = evals[s] if evals is not None and finite else (None, None, None)
             bad_step = divergence(column, val_loss)
             metrics = history.next_epoch(
                 epoch=epoch,
-                losses=(column.sum().item() / len(data.train), val_loss, val_acc),
+                losses=(column.sum().item() / len(data.train), val_loss, val_acc, val_r2),
                 lr=lr,
                 seconds=seconds,
                 steps=steps_per_epoch(len(data.train), self.cfg.data.batch_size, self.step.accumulate),
@@ -331,7 +338,7 @@ class _Stack:
             self.histories[seed].set_status(done=True)
         if self.data.test is not None and self.live:
             results = _evaluate(self.model, self.loss_fn, self.data.test, len(self.live))
-            for seed, (test_loss, test_acc) in zip(self.live, results, strict=True):
+            for seed, (test_loss, test_acc, _) in zip(self.live, results, strict=True):
                 self.histories[seed].test_loss, self.histories[seed].test_accuracy = test_loss, test_acc
 
 

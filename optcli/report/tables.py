@@ -23,6 +23,7 @@ def epochs_table(history: History, every: int = 0, title: str = "Per-epoch metri
     every = every or max(1, math.ceil(len(rows) / 20))  # about 20 rows, as the tutorial prints every 100th step
     has_val = any(e.val_loss is not None for e in rows)
     has_acc = any(e.val_accuracy is not None for e in rows)
+    has_r2 = any(getattr(e, "val_r2", None) is not None for e in rows)
     table = Table(title=title + (f", every {every} epochs" if every > 1 else ""))
     table.add_column("epoch", justify="right")
     table.add_column("train loss", justify="right")
@@ -30,6 +31,8 @@ def epochs_table(history: History, every: int = 0, title: str = "Per-epoch metri
         table.add_column("val loss", justify="right")
     if has_acc:
         table.add_column("val acc", justify="right")
+    if has_r2:
+        table.add_column("val R²", justify="right")
     table.add_column("lr", justify="right")
     table.add_column("s/epoch", justify="right")
     for e in rows:
@@ -38,6 +41,7 @@ def epochs_table(history: History, every: int = 0, title: str = "Per-epoch metri
         cells = [str(e.epoch), fmt(e.train_loss)]
         cells += [fmt(e.val_loss)] if has_val else []
         cells += [pct(e.val_accuracy)] if has_acc else []
+        cells += [fmt(e.val_r2)] if has_r2 else []
         table.add_row(*cells, fmt(e.lr), f"{e.seconds:.3f}")
     return table
 
@@ -91,19 +95,14 @@ def optimizers_table(rows: list[dict]) -> Table:
 
 
 def comparison_table(comparison: Comparison) -> Table:
-    classify = comparison.task == "classification"
+    from optcli.tasks.base import kind_columns
+
     # (key, header, lower is better, as a percentage, priority when the terminal is narrow)
     metrics = [
         ("final_train_loss", "final train loss", True, False, 600),
         ("best_val_loss", "best val loss", True, False, 800),
+        *kind_columns(comparison.task),  # the scores of the task's kind: accuracy, R², f(x, y)
     ]
-    if classify:
-        metrics += [("val_accuracy", "val acc", False, True, 700), ("test_accuracy", "test acc", False, True, 650)]
-    if comparison.task == "function":
-        metrics += [
-            ("final_value", "final f(x, y)", True, False, 750),
-            ("distance_to_min", "distance to min", True, False, 700),
-        ]
     metrics = [m for m in metrics if any(r.get(m[0]) is not None for r in comparison.rows)]
     cols = [Col("optimizer", "name", 1000), Col("hyperparameters", "text", 500)]
     cols += [Col(header, "num", priority) for _, header, _, _, priority in metrics]

@@ -48,6 +48,7 @@ from optcli.rundir.loggers import check_loggers, make_loggers
 from optcli.rundir.provenance import provenance
 from optcli.rundir.schema import FORMAT_VERSION
 from optcli.tasks import load_data
+from optcli.tasks.registry import describe_task
 from optcli.tasks.regression import loss_floor
 
 CHECKPOINT_INTERVAL_S = 1.0  # last.pt is rewritten at most this often (and always after the final epoch)
@@ -67,7 +68,7 @@ class TrainResult:
 
 def preflight(cfg: Config, dist: Dist = SINGLE) -> torch.device:
     """Every check that needs torch, done before any data is loaded or any file is written."""
-    check_model_config(cfg.model)
+    check_model_config(cfg)
     check_optimizer(cfg.optimizer)
     check_closure_settings(resolve_optimizer(cfg.optimizer.name), cfg.train.accumulate)
     check_scheduler(cfg.scheduler, cfg.train.epochs)
@@ -143,6 +144,7 @@ def summarize(
         "best": vars(best) if best else None,
         "test_loss": history.test_loss,
         "test_accuracy": history.test_accuracy,
+        "task": describe_task(cfg.data),
         "val_loss_floor": floor,
         "excess_val_loss": best.val_loss - floor if floor is not None and best and best.val_loss is not None else None,
         "seconds": seconds,

@@ -1,5 +1,5 @@
-"""What is learned: each task (tasks/mnist.py, tasks/regression.py) gives its data as tensors on the target
-device; this module holds what they share (Split, Data, the validation split, batching) and `load_data`.
+"""What is learned: each task (a Task of tasks/base.py, registered by name in tasks/registry.py) gives its data as
+tensors on the target device; this module holds what they share (Split, Data, the validation split, batching).
 
 Everything is loaded once and batched by index slicing with a seeded permutation per epoch,
 so there is no per-sample Python work in the training loop.
@@ -31,7 +31,7 @@ class Data:
     train: Split
     val: Split | None
     test: Split | None
-    task: str  # "classification" or "regression"
+    task: str  # the kind: tasks.base.Kind
     in_features: int
     out_features: int
 
@@ -50,32 +50,24 @@ def _move(split: Split | None, device: torch.device) -> Split | None:
 
 def load_data(cfg: DataConfig, device: torch.device) -> Data:
     """The task's data on `device`, with `val_fraction` of the training split held out by a split seeded by
-    data.seed: every run and every seed of a comparison sees the same data, wherever it runs."""
-    seed = cfg.seed
-    if cfg.name == "mnist":
-        from optcli.tasks.mnist import load_mnist
+    data.seed (or the last samples, data.val_split=last): every run and every seed of a comparison sees the same
+    data, wherever it runs."""
+    from optcli.tasks.registry import get_task
 
-        train, test = load_mnist(cfg)
-        task, n_in, n_out = "classification", 28 * 28, 10
-    elif cfg.name == "function":
-        from optcli.tasks.functions import load_function
-
-        train, test, task, n_in, n_out = load_function(cfg), None, "function", 1, 1
-    else:
-        from optcli.tasks.regression import load_regression
-
-        train = load_regression(cfg)
-        test, task, n_in, n_out = None, "regression", cfg.inputs, cfg.outputs
-    train, val = split_validation(train, cfg.val_fraction, seed)
-    return Data(train, val, test, task, n_in, n_out).to(device)
+    return get_task(cfg).data(device)
 
 
-def split_validation(split: Split, fraction: float, seed: int) -> tuple[Split, Split | None]:
+def split_validation(split: Split, fraction: float, seed: int, *, how: str = "random") -> tuple[Split, Split | None]:
+    """`fraction` of `split` held out: a permutation seeded by `seed` (random), or the last samples (last), as
+    Keras' validation_split and the usual MNIST dev set of the last 5,000 training images do."""
     n_val = int(round(len(split) * fraction))
     if n_val == 0:
         return split, None
     if n_val >= len(split):
         raise UserError(f"data.val_fraction: {fraction} leaves no training samples out of {len(split)}")
+    if how == "last":
+        cut = len(split) - n_val
+        return Split(split.x[:cut], split.y[:cut]), Split(split.x[cut:], split.y[cut:])
     perm = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = perm[:n_val], perm[n_val:]
     return Split(split.x[train_idx], split.y[train_idx]), Split(split.x[val_idx], split.y[val_idx])
@@ -95,8 +87,10 @@ def batches(split: Split, batch_size: int, perm: torch.Tensor) -> Iterator[tuple
 
 
 def task_shape(cfg: DataConfig) -> tuple[int, int]:
-    """(in_features, out_features) of the task, known without loading any data."""
-    return (28 * 28, 10) if cfg.name == "mnist" else (1, 1) if cfg.name == "function" else (cfg.inputs, cfg.outputs)
+    """(in_features, out_features) of the task, known without training on any data."""
+    from optcli.tasks.registry import get_task
+
+    return get_task(cfg).shapes()
 
 
 def steps_per_epoch(n_train: int, batch_size: int, accumulate: int = 1) -> int:

@@ -11,12 +11,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from optcli.config import DataConfig
+from optcli.config import Config, DataConfig
 from optcli.tasks import Split
+from optcli.tasks.base import Kind, Task
+from optcli.tasks.registry import register
 
 Fn = Callable[[torch.Tensor, torch.Tensor, DataConfig], torch.Tensor]
 
@@ -119,3 +122,81 @@ def plot_box(box: tuple[float, float, float, float], points: list[list]) -> list
         max(min(ys) - pad_y, y0 - h),
         min(max(ys) + pad_y, y1 + h),
     ]
+
+
+class PositionTracker:
+    """An epoch callback (engine.loop.EpochCallback): the point, f there and the distance to the known minimum after
+    each epoch (one step), in EpochMetrics.position; compare draws the trajectories from it."""
+
+    def __init__(self, model: Point):
+        self.model = model
+        self.minimum = FUNCTIONS[model.cfg.function].minimum
+
+    def epoch_end(self, metrics: Any, step_losses: torch.Tensor) -> None:
+        x, y = self.model.xy.detach().double().tolist()
+        value = evaluate_at(self.model.cfg, [x, y])
+        finite = all(math.isfinite(v) for v in (x, y, value))
+        metrics.position = {
+            "x": x if math.isfinite(x) else None,
+            "y": y if math.isfinite(y) else None,
+            "value": value if finite else None,
+            "distance": math.dist((x, y), self.minimum) if finite else None,
+        }
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def describe_function(cfg: DataConfig, seeds: list[int], trials: list[Any]) -> dict:
+    """What the trajectory plot needs besides the trials: the function, its minimum, each seed's start, a box."""
+    known = FUNCTIONS[cfg.function]
+    starts = {seed: start_point(cfg, seed) for seed in seeds}
+    points = list(starts.values()) + [
+        [e.position["x"], e.position["y"]] for t in trials for e in t.history.epochs if e.position
+    ]
+    return {
+        "name": cfg.function,
+        "minimum": list(known.minimum),
+        "starts": starts,
+        "box": plot_box(known.box, points),
+        "data": cfg.model_dump(mode="json"),
+    }
+
+
+@register
+class Function(Task):
+    """data.name=function: a 2-D test function (data.function) whose point (x, y) is the model; its loss (value)
+    is the function's value there."""
+
+    name = "function"
+    KIND = Kind.FUNCTION
+    own_model_note = "a 2-D test function's model is the point itself, not an MLP"
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        if cfg.train.loss not in (None, "value"):
+            raise ValueError("train.loss: value goes with data.name=function, and only with it (the loss is f(x, y))")
+
+    def load(self) -> tuple[Split, Split | None]:
+        return load_function(self.cfg), None
+
+    def shapes(self) -> tuple[int, int]:
+        return 1, 1
+
+    def description(self) -> str:
+        return f"2-D test function {self.cfg.function}"
+
+    def example_batch(self, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(n, 1), torch.zeros(n)
+
+    def default_model(self, seed: int) -> nn.Module | None:
+        return Point(self.cfg, start_point(self.cfg, seed))
+
+    def losses(self) -> dict[str, Any]:
+        return {"value": FunctionValue}
+
+    def epoch_callbacks(self, model: nn.Module) -> list[Any]:
+        return [PositionTracker(model)] if isinstance(model, Point) else []
+
+    def describe_comparison(self, seeds: list[int], trials: list[Any]) -> dict | None:
+        return describe_function(self.cfg, seeds, trials)

@@ -9,6 +9,8 @@ import torch
 from optcli.config import DataConfig
 from optcli.errors import UserError
 from optcli.tasks import Split
+from optcli.tasks.base import Kind, Task
+from optcli.tasks.registry import register
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # the constants of pytorch/examples' Normalize
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -56,3 +58,21 @@ def load_mnist(cfg: DataConfig) -> tuple[Split, Split]:
         x = scale_pixels(images.reshape(len(images), -1).float(), cfg.normalize)
         splits.append(Split(x, labels.long()))
     return splits[0], splits[1]
+
+
+@register
+class MNIST(Task):
+    """data.name=mnist: 60,000 training and 10,000 test images of handwritten digits, each flattened to 784 pixels
+    (data.normalize), from data.root (data.download when missing)."""
+
+    name = "mnist"
+    KIND = Kind.CLASSIFICATION
+
+    def load(self) -> tuple[Split, Split | None]:
+        return load_mnist(self.cfg)
+
+    def shapes(self) -> tuple[int, int]:
+        return 28 * 28, 10
+
+    def description(self) -> str:
+        return "MNIST digits (784 pixels -> 10 classes)"

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from optcli.config import DataConfig
+from optcli.config import Config, DataConfig
 from optcli.tasks import Split
+from optcli.tasks.base import Kind, Task
+from optcli.tasks.registry import register
 
 TEACHER_HIDDEN = 32  # the teacher's one tanh layer: nonlinear enough that a linear fit leaves a clear gap
 
@@ -33,6 +35,35 @@ def loss_floor(cfg: DataConfig, reduction: str) -> float | None:
     """The lowest expected loss any model can reach on unseen samples, in the units train and compare report
     (MSE averaged over samples and outputs for reduction="mean", summed over outputs for "sum"); None when
     the task has no known floor."""
-    if cfg.name != "regression" or cfg.target != "teacher":
-        return None
-    return cfg.noise**2 * (cfg.outputs if reduction == "sum" else 1)
+    from optcli.tasks.registry import get_task
+
+    return get_task(cfg).loss_floor(reduction)
+
+
+@register
+class Regression(Task):
+    """data.name=regression: the teacher plus noise (data.target=teacher, the default) or the tutorial's random
+    targets (data.target=random), data.samples rows of data.inputs features and data.outputs targets."""
+
+    name = "regression"
+    KIND = Kind.REGRESSION
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        if cfg.data.normalize != "standardize":
+            raise ValueError("data.normalize: applies to MNIST only; the regression inputs are already N(0, 1)")
+
+    def load(self) -> tuple[Split, Split | None]:
+        return load_regression(self.cfg), None
+
+    def shapes(self) -> tuple[int, int]:
+        return self.cfg.inputs, self.cfg.outputs
+
+    def description(self) -> str:
+        what = "teacher + noise" if self.cfg.target == "teacher" else "random targets (the tutorial)"
+        return f"synthetic regression, {what}: {self.cfg.samples} x {self.cfg.inputs} -> {self.cfg.outputs}"
+
+    def loss_floor(self, reduction: str) -> float | None:
+        if self.cfg.target != "teacher":
+            return None
+        return self.cfg.noise**2 * (self.cfg.outputs if reduction == "sum" else 1)

@@ -1,0 +1,101 @@
+"""A user's model: model.name is an import path pkg.module:factory (a class or a function returning an nn.Module),
+called with model.kwargs, as LightningCLI's class_path/init_args. Importing it runs the user's own code.
+
+The factory may take in_features, out_features, input_shape and num_classes by name; optcli passes the ones its
+signature names. model.path (made absolute when the config is loaded) is put first on the import path, in every
+process that builds the model: worker processes and torchrun ranks import it as this one does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from optcli.config import ModelConfig
+from optcli.errors import UserError
+from optcli.tasks.base import Task
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def import_factory(cfg: ModelConfig) -> Callable[..., Any]:
+    """The object model.name names, imported (after putting model.path on sys.path), or one line naming the key."""
+    if cfg.path is not None:
+        if not Path(cfg.path).is_dir():
+            raise UserError(f"model.path: {cfg.path} is not a folder")
+        if cfg.path not in sys.path:
+            sys.path.insert(0, cfg.path)
+    module_name, _, attr = cfg.name.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # the user's module may raise anything while it is imported
+        raise UserError(f"model.name: cannot import {module_name} ({_first_line(exc)})") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UserError(f"model.name: {module_name} has no {attr}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UserError(f"model.name: {cfg.name} is a {type(obj).__name__}, not a class or function")
+    return obj
+
+
+def _offered(factory: Callable[..., Any], task: Task, in_features: int, out_features: int) -> dict[str, Any]:
+    """The shapes optcli can tell the factory, for the ones its signature names."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return {}
+    offered = {
+        "in_features": in_features,
+        "out_features": out_features,
+        "input_shape": task.input_shape,
+        "num_classes": task.num_classes,
+    }
+    return {k: v for k, v in offered.items() if k in params and v is not None}
+
+
+def build_user_model(cfg: ModelConfig, task: Task, in_features: int, out_features: int) -> nn.Module:
+    """The user's model (draws from torch's global RNG: seed it first for repeatable initial weights)."""
+    factory = import_factory(cfg)
+    kwargs = {**_offered(factory, task, in_features, out_features), **cfg.kwargs}
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:  # the user's code: any error it raises is a problem of the config's model
+        raise UserError(f"model.name: {cfg.name}({', '.join(kwargs)}) raised {_first_line(exc)}") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model.name: {cfg.name} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def check_user_model(cfg: ModelConfig, task: Task) -> None:
+    """Build the user's model once on the CPU (torch's RNG left as it was) and run a batch of zeros through it:
+    its output must have the shape the task's targets want."""
+    n_in, n_out = task.shapes()
+    x, _ = task.example_batch(2)
+    with torch.random.fork_rng(devices=[]):
+        model = build_user_model(cfg, task, n_in, n_out)
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model(x)
+        except Exception as exc:  # the user's forward
+            raise UserError(
+                f"model.name: {cfg.name} fails on a batch of shape {tuple(x.shape)} ({_first_line(exc)})"
+            ) from None
+    want = (2, n_out)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(
+            f"model.name: {cfg.name} gives outputs of shape {got} for a batch of 2; data.name={task.name} wants "
+            f"{want} ({task.kind.value}, out_features={n_out})"
+        )
