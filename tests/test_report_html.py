@@ -75,7 +75,7 @@ class Cells(HTMLParser):
 
 
 def _summary_values(summary: dict) -> list[float]:
-    keys = ["final_train_loss", "best_val_loss", "excess_val_loss", "seconds_per_epoch", "state_bytes"]
+    keys = ["final_train_loss", "best_val_loss", "val_r2", "excess_val_loss", "seconds_per_epoch", "state_bytes"]
     return [r[k] for r in summary["rows"] for k in keys]
 
 
@@ -266,10 +266,10 @@ def test_the_page_renders_in_a_browser_with_every_plot_drawn_and_no_script_error
     assert [value for _, value in parser.cells] == _summary_values(summary)
     texts = [text for text, _ in parser.cells]
     for i, r in enumerate(summary["rows"]):  # the terminal's wording of the same numbers
-        assert texts[5 * i : 5 * i + 2] == [mean_pm(r[k], r[k + "_std"]) for k in ("final_train_loss", "best_val_loss")]
-    assert dom.count('<div class="plot" id=') == 2  # train loss and validation loss
-    assert 'data-plots-drawn="2"' in dom and dom.count('<svg viewBox="0 0 720 340" class="plot-svg"') == 2
-    assert dom.count('class="median"') == 2 * 2 and dom.count('class="band"') == 2 * 2  # 2 plots x 2 optimizers
+        assert texts[6 * i : 6 * i + 2] == [mean_pm(r[k], r[k + "_std"]) for k in ("final_train_loss", "best_val_loss")]
+    assert dom.count('<div class="plot" id=') == 3  # train loss, validation loss and validation R²
+    assert 'data-plots-drawn="3"' in dom and dom.count('<svg viewBox="0 0 720 340" class="plot-svg"') == 3
+    assert dom.count('class="median"') == 3 * 2 and dom.count('class="band"') == 3 * 2  # 3 plots x 2 optimizers
     shot = tmp_path / "shot.png"
     subprocess.run(
         [_chromium(), *flags, "--hide-scrollbars", "--window-size=1200,1800", f"--screenshot={shot}", url],

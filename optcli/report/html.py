@@ -24,7 +24,12 @@ from optcli.rundir.files import atomic_write_text, finite, write_csv
 REPORT = "report.html"
 RESULTS = "results.csv"
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
-YLABELS = {"train_loss": "training loss", "val_loss": "validation loss", "val_accuracy": "validation accuracy"}
+YLABELS = {
+    "train_loss": "training loss",
+    "val_loss": "validation loss",
+    "val_accuracy": "validation accuracy",
+    "val_r2": "validation R²",
+}
 STATIC = [  # (image, section title, what it answers)
     ("tuning.png", "Tuning", "validation loss against each hyperparameter, and the best so far against the budget"),
     ("dynamics.png", "Dynamics per layer", "gradient norm, update-to-weight ratio and step size per layer"),

@@ -18,6 +18,7 @@ METRIC_COLUMNS = [
     ("best_val_loss", "best val loss", True, False),
     ("val_accuracy", "val acc", False, True),
     ("test_accuracy", "test acc", False, True),
+    ("val_r2", "val R²", False, False),
     ("final_value", "final f(x, y)", True, False),
     ("distance_to_min", "distance to min", True, False),
 ]
@@ -99,6 +100,7 @@ def train_table(summary: dict) -> str:
         ("best val loss", fmt(best.get("val_loss")), best.get("val_loss")),
         ("at epoch", fmt(best.get("epoch")), best.get("epoch")),
         ("best val acc", pct(best.get("val_accuracy")), best.get("val_accuracy")),
+        ("best val R²", fmt(best.get("val_r2")), best.get("val_r2")),
         ("test loss", fmt(summary.get("test_loss")), summary.get("test_loss")),
         ("test acc", pct(summary.get("test_accuracy")), summary.get("test_accuracy")),
         ("s/epoch", fmt(summary.get("seconds_per_epoch"), 3), summary.get("seconds_per_epoch")),

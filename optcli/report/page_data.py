@@ -22,7 +22,7 @@ from optcli.rundir.schema import FORMAT_VERSION, EpochEntry, parse_comparison_su
 
 IMAGES = ("tuning.png", "dynamics.png", "trajectories.png", "profile.png", "loss.png")  # what matplotlib drew
 MAX_IMAGE_BYTES = 20_000_000
-CURVE_METRICS = ("train_loss", "val_loss", "val_accuracy")
+CURVE_METRICS = ("train_loss", "val_loss", "val_accuracy", "val_r2")
 QUANTILE_SEEDS = 5  # from this many seeds on, the band is the 10-90% quantiles: min-max follows one outlier
 
 
