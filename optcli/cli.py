@@ -161,11 +161,12 @@ def train(
     from optcli.report.progress import TrainProgress
     from optcli.report.tables import print_train_result
     from optcli.rundir import run as runner
+    from optcli.rundir.resume import resume_config
 
     if resume and config:
         raise UserError("--resume continues with the run's own config.yaml; drop --config (use --set to change keys)")
     items = overrides(set_, epochs)
-    cfg = runner.resume_config(str(resume), items) if resume else load_config(config, items)
+    cfg = resume_config(str(resume), items) if resume else load_config(config, items)
     if print_config_:
         return print_config(cfg)
     with TrainProgress(cfg.train.epochs) as progress:
@@ -252,6 +253,7 @@ def compare(
     """
     from optcli.compare.comparison import load_compare_config
     from optcli.compare.multitask import MultiTaskComparison, run_compare
+    from optcli.compare.options import CompareOptions
     from optcli.compare.runners import TrialCallbacks
     from optcli.report.console import console
     from optcli.report.profile import print_multitask
@@ -264,25 +266,22 @@ def compare(
         for _, cfg in cfgs:
             print_config(cfg)
         return
+    options = CompareOptions(
+        seeds=seeds,
+        targets=tuple(target or ()),
+        tune=tune,
+        tune_lr=tune_lr,
+        tune_budget=tune_budget,
+        tune_storage=tune_storage,
+        tune_centre=tune_centre,
+        jobs=jobs,
+        threads=threads,
+        vectorize=vectorize,
+        backend=backend,
+    )
     with CompareProgress(max(c.train.epochs for _, c in cfgs)) as p:
         callbacks = TrialCallbacks(on_trial_start=p.trial_start, on_trial_done=p.trial_done, on_epoch=p.epoch)
-        result = run_compare(
-            cfgs,
-            optimizers,
-            seeds=seeds,
-            tune=tune,
-            target=target,
-            tune_lr=tune_lr,
-            tune_budget=tune_budget,
-            tune_storage=tune_storage,
-            tune_centre=tune_centre,
-            jobs=jobs,
-            threads=threads,
-            vectorize=vectorize,
-            backend=backend,
-            on_plan=p.plan,
-            callbacks=callbacks,
-        )
+        result = run_compare(cfgs, optimizers, options, on_plan=p.plan, callbacks=callbacks)
     if isinstance(result, MultiTaskComparison):
         show(result.to_dict(), json_out, lambda: print_multitask(result, console))
     else:
@@ -358,21 +357,13 @@ def lr_find(
     Example: optcli lr-find -c configs/mnist_mlp.yaml --optimizer sgd:momentum=0.9
     """
     from optcli.config import load_config
+    from optcli.lr_find import RangeTestOptions
     from optcli.lr_find import lr_find as run_lr_find
     from optcli.report.tables import print_lr_find
 
     cfg = load_config(config, set_ or [])
-    result = run_lr_find(
-        cfg,
-        optimizer_spec=optimizer,
-        min_lr=min_lr,
-        max_lr=max_lr,
-        steps=steps,
-        beta=smoothing,
-        diverge=diverge,
-        rule=rule,
-        plot=plot,
-    )
+    options = RangeTestOptions(min_lr=min_lr, max_lr=max_lr, steps=steps, beta=smoothing, diverge=diverge, rule=rule)
+    result = run_lr_find(cfg, options, optimizer_spec=optimizer, plot=plot)
     show(result.to_dict(), json_out, lambda: print_lr_find(result))
 
 

@@ -13,11 +13,9 @@ from torch import nn
 from optcli.config import Config, optimizer_config, validate
 from optcli.engine.build import build_task_model, seed_torch, torch_settings
 from optcli.engine.loop import make_loss
-from optcli.engine.model import resolve_device
 from optcli.engine.optimizers import (
     build_optimizer,
     canonical_name,
-    check_optimizer,
     needs_closure,
     parse_spec,
     resolve_optimizer,
@@ -26,6 +24,7 @@ from optcli.engine.optimizers import (
 from optcli.engine.stepping import optimizer_mode, set_mode
 from optcli.errors import UserError
 from optcli.rundir.files import load_checkpoint
+from optcli.rundir.preflight import preflight
 from optcli.tasks import epoch_permutation, load_data, task_shape
 
 SHOW_VALUES_UP_TO = 4  # elements: a parameter this small is shown in full by --step
@@ -285,8 +284,7 @@ def inspect_params(
                 )
             }
         )
-    check_optimizer(cfg.optimizer)
-    device = resolve_device(cfg.device)
+    device = preflight(cfg, trains=False)
     with torch_settings(cfg):
         return _inspect(cfg, device, checkpoint, ckpt, optimizer_spec is not None, step)
 

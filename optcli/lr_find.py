@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,16 +25,15 @@ import torch
 from optcli.config import Config, optimizer_config
 from optcli.engine.build import build_model_and_optimizer, seed_torch, torch_settings
 from optcli.engine.loop import make_loss
-from optcli.engine.model import check_model_config, resolve_device
 from optcli.engine.optimizers import (
     check_kwargs,
-    check_optimizer,
     needs_closure,
     parse_spec,
     resolve_optimizer,
     step_with_closure,
 )
 from optcli.errors import UserError
+from optcli.rundir.preflight import preflight
 from optcli.tasks import Data, batches, epoch_permutation, load_data
 
 RULES = ("steepest", "minimum")
@@ -97,17 +97,31 @@ def suggest(lrs: list[float], smoothed: list[float], rule: str) -> int | None:
     return min(slopes, key=lambda i: slopes[i]) if slopes else None
 
 
-def _check(min_lr: float, max_lr: float, steps: int, beta: float, diverge: float, rule: str) -> None:
-    if not (0 < min_lr < max_lr):
-        raise UserError(f"--min-lr/--max-lr: need 0 < min < max (got {min_lr} and {max_lr})")
-    if steps < 3:
-        raise UserError(f"--steps: must be at least 3 (got {steps})")
-    if not 0 <= beta < 1:
-        raise UserError(f"--smoothing: must be in [0, 1) (got {beta})")
-    if diverge <= 1:
-        raise UserError(f"--diverge: must be > 1, a multiple of the lowest loss (got {diverge})")
-    if rule not in RULES:
-        raise UserError(f"--rule: must be one of {', '.join(RULES)} (got {rule!r})")
+@dataclass(frozen=True, kw_only=True)
+class RangeTestOptions:
+    """The range test's settings, checked when made (the flags of `optcli lr-find`)."""
+
+    min_lr: float = 1e-7  # first learning rate
+    max_lr: float = 10.0  # last learning rate
+    steps: int = 100  # training steps, the lr rising exponentially
+    beta: float = 0.9  # EMA factor of the smoothed loss (module docstring)
+    diverge: float = 4.0  # stop once the smoothed loss exceeds this multiple of its minimum
+    rule: str = "steepest"  # the suggestion: steepest (descent) or minimum (lr at the minimum / 10)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not (0 < self.min_lr < self.max_lr):
+            raise UserError(f"--min-lr/--max-lr: need 0 < min < max (got {self.min_lr} and {self.max_lr})")
+        if self.steps < 3:
+            raise UserError(f"--steps: must be at least 3 (got {self.steps})")
+        if not 0 <= self.beta < 1:
+            raise UserError(f"--smoothing: must be in [0, 1) (got {self.beta})")
+        if self.diverge <= 1:
+            raise UserError(f"--diverge: must be > 1, a multiple of the lowest loss (got {self.diverge})")
+        if self.rule not in RULES:
+            raise UserError(f"--rule: must be one of {', '.join(RULES)} (got {self.rule!r})")
 
 
 def with_optimizer(cfg: Config, spec: str | None) -> Config:
@@ -122,40 +136,24 @@ def with_optimizer(cfg: Config, spec: str | None) -> Config:
 
 def lr_find(
     cfg: Config,
+    options: RangeTestOptions | None = None,
     *,
     optimizer_spec: str | None = None,
-    min_lr: float = 1e-7,
-    max_lr: float = 10.0,
-    steps: int = 100,
-    beta: float = 0.9,
-    diverge: float = 4.0,
-    rule: str = "steepest",
     plot: str | Path | None = None,
     data: Data | None = None,
 ) -> LrFindResult:
     """The range test on the config's task, model and optimizer (the scheduler is not used: the test sets the
     lr itself). Writes the plot to `plot` when given, nowhere else."""
-    _check(min_lr, max_lr, steps, beta, diverge, rule)
+    options = options or RangeTestOptions()
     cfg = with_optimizer(cfg, optimizer_spec)
-    check_model_config(cfg)
-    check_optimizer(cfg.optimizer)
+    device = preflight(cfg, trains=False)
     if plot is not None and Path(plot).is_dir():
         raise UserError(f"--plot: {plot} is a directory; give a file name such as lr_find.png")
     if plot is not None and not Path(plot).parent.is_dir():
         raise UserError(f"--plot: the folder {Path(plot).parent} does not exist")
-    device = resolve_device(cfg.device)
     started = time.perf_counter()
     with torch_settings(cfg):
-        result = range_test(
-            cfg,
-            data or load_data(cfg.data, device),
-            min_lr=min_lr,
-            max_lr=max_lr,
-            steps=steps,
-            beta=beta,
-            diverge=diverge,
-            rule=rule,
-        )
+        result = range_test(cfg, data or load_data(cfg.data, device), options)
     result.seconds = time.perf_counter() - started
     if plot is not None:
         from optcli.report.plots import save_lr_find_plot  # matplotlib only when a plot is asked for
@@ -165,36 +163,51 @@ def lr_find(
     return result
 
 
-def range_test(
-    cfg: Config,
-    data: Data,
-    *,
-    min_lr: float = 1e-7,
-    max_lr: float = 10.0,
-    steps: int = 100,
-    beta: float = 0.9,
-    diverge: float = 4.0,
-    rule: str = "steepest",
-) -> LrFindResult:
+def range_test(cfg: Config, data: Data, options: RangeTestOptions) -> LrFindResult:
     """The range test itself, under the caller's torch settings (lr_find, and compare --tune-centre lr-find)."""
     cfg = cfg.model_copy(update={"scheduler": None})
     model, optimizer, _ = build_model_and_optimizer(cfg, data, data.train.x.device)
     seed_torch(cfg.seed)
-    loss_fn = make_loss(cfg)
-    closure_step = needs_closure(optimizer)
+    step = _stepper(model, optimizer, make_loss(cfg))
     kwargs = {k: v for k, v in cfg.optimizer.kwargs.items() if k != "lr"}
-    result = LrFindResult(type(optimizer).__name__, kwargs, min_lr, max_lr, steps, rule=rule)
-    schedule = lr_schedule(min_lr, max_lr, steps)
+    o = options
+    result = LrFindResult(type(optimizer).__name__, kwargs, o.min_lr, o.max_lr, o.steps, rule=o.rule)
     model.train()
     stream = _batch_stream(data, cfg)
     best, avg = math.inf, 0.0
-    for lr in schedule:
+    for lr in lr_schedule(o.min_lr, o.max_lr, o.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = next(stream)
+        value = step(*next(stream))
+        result.lrs.append(lr)
+        if not math.isfinite(value):
+            result.stopped = "diverged"
+            result.lrs.pop()
+            break
+        result.losses.append(value)
+        avg = o.beta * avg + (1 - o.beta) * value  # as in smooth(), one step at a time
+        smoothed = avg / (1 - o.beta ** len(result.losses))
+        result.smoothed.append(smoothed)
+        best = min(best, smoothed)
+        if smoothed > o.diverge * best:
+            result.stopped = "diverged"
+            break
+    if result.smoothed:
+        result.min_loss_lr = result.lrs[min(range(len(result.smoothed)), key=lambda i: result.smoothed[i])]
+    index = suggest(result.lrs, result.smoothed, o.rule)
+    if index is not None:
+        result.suggestion_index, result.suggestion = index, result.lrs[index]
+    return result
+
+
+def _stepper(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn) -> Callable[..., float]:
+    """One training step on a batch, returning its loss: plain, or through a closure for optimizers that need one."""
+    closure_step = needs_closure(optimizer)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> float:
         optimizer.zero_grad(set_to_none=True)
 
-        def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+        def closure() -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
             loss.backward()
@@ -205,26 +218,9 @@ def range_test(
         else:
             loss = closure()
             optimizer.step()
-        value = float(loss.item())
-        result.lrs.append(lr)
-        if not math.isfinite(value):
-            result.stopped = "diverged"
-            result.lrs.pop()
-            break
-        result.losses.append(value)
-        avg = beta * avg + (1 - beta) * value  # as in smooth(), one step at a time
-        smoothed = avg / (1 - beta ** len(result.losses))
-        result.smoothed.append(smoothed)
-        best = min(best, smoothed)
-        if smoothed > diverge * best:
-            result.stopped = "diverged"
-            break
-    if result.smoothed:
-        result.min_loss_lr = result.lrs[min(range(len(result.smoothed)), key=lambda i: result.smoothed[i])]
-    index = suggest(result.lrs, result.smoothed, rule)
-    if index is not None:
-        result.suggestion_index, result.suggestion = index, result.lrs[index]
-    return result
+        return float(loss.item())
+
+    return step
 
 
 def _batch_stream(data: Data, cfg: Config):

@@ -1,12 +1,16 @@
 import json
 import math
+import statistics
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import optcli.engine.build as build_mod
 import optcli.engine.loop as train_mod
-from optcli.compare.comparison import Trial, aggregate, parse_specs, run_comparison, verdict
+from optcli.compare.aggregate import aggregate, verdict
+from optcli.compare.comparison import Trial, parse_specs, run_comparison
+from optcli.compare.options import CompareOptions
 from optcli.config import load_config
 from optcli.engine.loop import EpochMetrics, History
 from tests.conftest import assert_user_error, cli, mnist_args
@@ -29,7 +33,7 @@ def test_every_optimizer_of_a_seed_starts_from_the_same_weights_and_batches(monk
     monkeypatch.setattr(build_mod, "build_optimizer", spy_build)
     monkeypatch.setattr(train_mod, "batches", spy_batches)
     cfg = load_config(None, ["train.epochs=3", "data.samples=40", "data.batch_size=8", "model.dropout=0.5"])
-    run_comparison(cfg, ["sgd", "adam", "rmsprop"], seeds=2)
+    run_comparison(cfg, ["sgd", "adam", "rmsprop"], CompareOptions(seeds=2))
     assert len(inits) == 6 and len(perms) == 18  # seed-major: 3 optimizers x 3 epochs per seed
     for seed in range(2):
         first = inits[3 * seed]
@@ -44,7 +48,7 @@ def test_every_optimizer_of_a_seed_starts_from_the_same_weights_and_batches(monk
 
 def test_same_dropout_masks_give_identical_runs_for_identical_specs():
     cfg = load_config(None, ["train.epochs=4", "data.samples=32", "model.dropout=0.5"])
-    c = run_comparison(cfg, ["adam", "adam"], seeds=1)
+    c = run_comparison(cfg, ["adam", "adam"], CompareOptions(seeds=1))
     assert [s.label for s in c.specs] == ["adam", "adam#2"]
     a, b = (t.history.epochs for t in c.trials)
     assert [e.train_loss for e in a] == [e.train_loss for e in b]
@@ -66,11 +70,44 @@ def test_mean_and_std_over_seeds_hand_checked():
     assert rows["sgd"]["epochs_to_best"] == 2 and rows["sgd"]["seconds_per_epoch"] == 0.5
 
 
-def test_verdict_separates_a_real_lead_from_seed_noise():
+def _timed(seconds):
+    return History([EpochMetrics(i + 1, 1.0, None, None, 0.1, t) for i, t in enumerate(seconds)], "completed")
+
+
+def test_seconds_per_epoch_median_warm_leaves_out_the_cold_first_epoch():
+    from optcli.rundir.run import summarize
+
     specs = parse_specs(["sgd", "adam"])
+    # the first epoch pays for warm-up; after it one slow epoch (another process), which the median ignores
+    trials = [Trial("sgd", 0, _timed([3.0, 1.0, 9.0, 1.5])), Trial("sgd", 1, _timed([5.0, 2.0, 2.0, 2.5]))]
+    trials += [Trial("adam", 0, _timed([0.7]))]  # one epoch: its own time, cold or not
+    rows = {r["label"]: r for r in aggregate(specs, trials)}
+    assert rows["sgd"]["seconds_per_epoch_median_warm"] == pytest.approx((1.5 + 2.0) / 2)
+    assert rows["sgd"]["seconds_per_epoch"] == pytest.approx((14.5 / 4 + 11.5 / 4) / 2)  # the mean, as before
+    assert rows["adam"]["seconds_per_epoch_median_warm"] == pytest.approx(0.7)
+    summary = summarize(load_config(None, []), trials[0].history, device=torch.device("cpu"), seconds=20.0)
+    assert summary["seconds_per_epoch_median_warm"] == 1.5 and summary["seconds_per_epoch"] == 14.5 / 4
+
+
+def test_the_s_per_epoch_column_shows_the_warm_median(tmp_path):
+    result = cli("compare", "adam", *FAST, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    (row,) = summary["rows"]
+    seconds = [e["seconds"] for e in summary["trials"][0]["epochs"]]
+    assert len(seconds) > 2 and row["seconds_per_epoch_median_warm"] == pytest.approx(statistics.median(seconds[1:]))
+    from optcli.report.format import fmt
+    from optcli.report.tables import comparison_table
+
+    table = comparison_table(SimpleNamespace(**summary))
+    (column,) = [c for c in table.columns if c.header == "s/epoch"]
+    assert list(column.cells) == [fmt(row["seconds_per_epoch_median_warm"], 3)]
+
+
+def test_verdict_separates_a_real_lead_from_seed_noise():
     clear = [Trial("adam", s, _history([1.0 + 0.01 * s])) for s in range(4)]
     clear += [Trial("sgd", s, _history([2.0 + 0.02 * s])) for s in range(4)]
-    v = verdict("final_train_loss", "final train loss", True, specs, clear, list(range(4)))
+    v = verdict(clear, metric="final_train_loss", name="final train loss", lower_better=True, seeds=list(range(4)))
     assert v["best"] == "adam" and v["significant"] is True and v["p_value"] < 0.01
     assert v["ci"][0] > 0 and "larger than the seed-to-seed spread" in v["text"]
     from scipy import stats  # the reference implementation of the same test
@@ -80,14 +117,16 @@ def test_verdict_separates_a_real_lead_from_seed_noise():
     assert v["ci"] == pytest.approx(list(stats.ttest_rel(a, b).confidence_interval(0.95)))
     noisy = [Trial("adam", s, _history([x])) for s, x in enumerate([1.0, 3.0, 1.2, 2.9])]
     noisy += [Trial("sgd", s, _history([x])) for s, x in enumerate([2.0, 1.0, 2.1, 1.1])]
-    v = verdict("final_train_loss", "final train loss", True, specs, noisy, list(range(4)))
+    v = verdict(noisy, metric="final_train_loss", name="final train loss", lower_better=True, seeds=list(range(4)))
     assert v["significant"] is False and "no clear winner" in v["text"]
-    one = verdict("final_train_loss", "final train loss", True, specs, clear[:1] + clear[4:5], [0])
+    one = verdict(
+        clear[:1] + clear[4:5], metric="final_train_loss", name="final train loss", lower_better=True, seeds=[0]
+    )
     assert one["significant"] is None and "no claim" in one["text"]
     # equal means (steps to a target counted in whole epochs: 844/1266/1688 against 1266 on every seed)
     tied = [Trial("adam", s, _history([x])) for s, x in enumerate([844.0, 1266.0, 1688.0])]
     tied += [Trial("sgd", s, _history([1266.0])) for s in range(3)]
-    v = verdict("final_train_loss", "final train loss", True, specs, tied, list(range(3)))
+    v = verdict(tied, metric="final_train_loss", name="final train loss", lower_better=True, seeds=list(range(3)))
     assert v["lead"] == 0 and "tie on final train loss" in v["text"] and "leads" not in v["text"]
 
 

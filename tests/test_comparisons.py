@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from optcli.compare.comparison import run_comparison
+from optcli.compare.options import CompareOptions
 from optcli.compare.stats import Target, parse_target, steps_to_target, time_to_target
 from optcli.config import load_config
 from optcli.engine.build import build_model_and_optimizer
@@ -31,7 +32,7 @@ def test_teacher_targets_carry_signal_and_noise_of_the_stated_std():
 
 
 def test_default_comparison_reports_the_excess_over_the_noise_floor():
-    c = run_comparison(load_config(None, SMALL), ["sgd", "adam"], seeds=1)
+    c = run_comparison(load_config(None, SMALL), ["sgd", "adam"], CompareOptions(seeds=1))
     assert c.loss_floor == pytest.approx(0.25)
     for row in c.rows:
         assert row["excess_val_loss"] == pytest.approx(row["best_val_loss"] - 0.25)

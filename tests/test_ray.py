@@ -7,6 +7,7 @@ import json
 import pytest
 
 from optcli.compare.comparison import parse_specs, run_comparison
+from optcli.compare.options import CompareOptions
 from optcli.compare.runners import RayRunner, TrialCallbacks, TrialsInterrupted
 from optcli.config import load_config
 from tests.conftest import cli
@@ -27,8 +28,10 @@ def local_ray():
 def test_ray_trials_equal_a_serial_run_with_one_thread(local_ray):
     cfg = load_config(None, SETS)
     specs = ["sgd:lr=0.001,momentum=0.9", "adam:lr=0.01", "rmsprop:lr=0.001"]
-    serial = run_comparison(cfg, specs, seeds=2, threads=1)
-    on_ray = run_comparison(cfg, specs, seeds=2, backend="ray")  # 1 CPU per task: one torch thread, as serial
+    serial = run_comparison(cfg, specs, CompareOptions(seeds=2, threads=1))
+    on_ray = run_comparison(
+        cfg, specs, CompareOptions(seeds=2, backend="ray")
+    )  # 1 CPU per task: one torch thread, as serial
     # bit-identical: each trial runs the same operations on one thread in either process
     assert [(t.label, t.seed, t.history.to_dict()["epochs"]) for t in on_ray.trials] != []
     for a, b in zip(on_ray.trials, serial.trials, strict=True):
@@ -46,7 +49,7 @@ def test_a_failing_trial_is_marked_failed_in_its_row(local_ray, tmp_path):
     cfg = load_config(
         None, ["data.name=mnist", f"data.root={tmp_path}/none", "data.download=false", "train.loss=cross_entropy"]
     )
-    c = run_comparison(cfg, ["adam"], seeds=1, backend="ray")
+    c = run_comparison(cfg, ["adam"], CompareOptions(seeds=1, backend="ray"))
     assert c.trials[0].history.status == "failed"
     assert "MNIST not found" in c.trials[0].history.error
     assert c.rows[0]["status"] == "failed 1/1" and c.verdicts == []

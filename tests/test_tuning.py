@@ -6,6 +6,7 @@ import math
 import pytest
 
 from optcli.compare.comparison import parse_specs, run_comparison
+from optcli.compare.options import CompareOptions
 from optcli.compare.runners import TrialCallbacks
 from optcli.compare.tuning import Dimension, kwargs_at, search_space
 from optcli.config import load_config
@@ -49,7 +50,7 @@ def test_space_overrides_from_the_config_and_their_errors():
         _space("adam", overrides={"adam": {"lr": [1e-2, 1e-4]}})
     cfg = load_config(None, ["data.val_fraction=0.25", "tuning.spaces={adamm: {lr: [1e-4, 1e-2]}}"])
     with pytest.raises(UserError, match="tuning.spaces.adamm: matches no optimizer"):
-        run_comparison(cfg, ["adam"], tune=True)
+        run_comparison(cfg, ["adam"], CompareOptions(tune=True))
 
 
 def test_points_map_back_to_the_optimizer_keywords():
@@ -100,7 +101,10 @@ def test_a_shared_storage_lets_a_second_machine_reuse_the_studies(tiny_mnist, tm
         done = []
         callbacks = TrialCallbacks(on_trial_done=lambda label, seed, h: done.append(label))
         c = run_comparison(
-            cfg, ["sgd", "adam"], seeds=1, tune=True, tune_budget=2, tune_storage=str(storage), callbacks=callbacks
+            cfg,
+            ["sgd", "adam"],
+            CompareOptions(seeds=1, tune=True, tune_budget=2, tune_storage=str(storage)),
+            callbacks=callbacks,
         )
         counts.append(len(done))
         return c.tuning

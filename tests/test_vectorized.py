@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from optcli.compare.comparison import run_comparison
+from optcli.compare.options import CompareOptions
 from optcli.config import load_config
 from optcli.engine.build import build_model_and_optimizer, seed_torch
 from optcli.engine.model import Dropout
@@ -127,8 +128,8 @@ def _assert_histories_close(vec, plain) -> None:
 def test_vectorized_comparison_matches_the_plain_one_on_every_epoch_metric():
     cfg = load_config(None, ["train.epochs=6", "data.samples=48", "data.batch_size=24", "data.val_fraction=0.25"])
     specs = ["sgd:lr=0.001,momentum=0.9", "adam:lr=0.01", "rmsprop:lr=0.001", "adamw:lr=0.01,weight_decay=0.1"]
-    plain = run_comparison(cfg, specs, seeds=3, threads=1)
-    vec = run_comparison(cfg, specs, seeds=3, threads=1, vectorize=True)
+    plain = run_comparison(cfg, specs, CompareOptions(seeds=3, threads=1))
+    vec = run_comparison(cfg, specs, CompareOptions(seeds=3, threads=1, vectorize=True))
     assert vec.notes == []
     _assert_histories_close(vec, plain)
     assert [r["label"] for r in vec.rows] == [r["label"] for r in plain.rows]
@@ -139,8 +140,8 @@ def test_vectorized_mnist_with_dropout_accumulation_and_a_schedule(tiny_mnist):
     extra += ["--set", "scheduler={name: steplr, step_size: 1, gamma: 0.5}"]
     items = [a for a in mnist_args(tiny_mnist, *extra) if a != "--set"]
     cfg = load_config(None, items)
-    plain = run_comparison(cfg, ["adam", "sgd:momentum=0.9"], seeds=2, threads=1)
-    vec = run_comparison(cfg, ["adam", "sgd:momentum=0.9"], seeds=2, threads=1, vectorize=True)
+    plain = run_comparison(cfg, ["adam", "sgd:momentum=0.9"], CompareOptions(seeds=2, threads=1))
+    vec = run_comparison(cfg, ["adam", "sgd:momentum=0.9"], CompareOptions(seeds=2, threads=1, vectorize=True))
     _assert_histories_close(vec, plain)
     for tv, tp in zip(vec.trials, plain.trials, strict=True):
         # an accuracy moves only when a logit margin is within the perturbation above: at most one sample here
@@ -163,8 +164,8 @@ def test_a_seed_that_diverges_first_is_retired_and_the_rest_match():
     tutorial = ["data.target=random", "data.inputs=1000", "data.outputs=10", "data.val_fraction=0"]
     tutorial += ["model.hidden=[100]", "train.reduction=sum"]  # the task this record was taken on
     cfg = load_config(None, ["train.epochs=8", "data.samples=32", "data.batch_size=16", *tutorial])
-    plain = run_comparison(cfg, ["sgd:lr=0.005"], seeds=4, threads=1)
-    vec = run_comparison(cfg, ["sgd:lr=0.005"], seeds=4, threads=1, vectorize=True)
+    plain = run_comparison(cfg, ["sgd:lr=0.005"], CompareOptions(seeds=4, threads=1))
+    vec = run_comparison(cfg, ["sgd:lr=0.005"], CompareOptions(seeds=4, threads=1, vectorize=True))
     epochs = {t.seed: t.history.diverged_at["epoch"] for t in plain.trials if t.history.diverged_at}
     assert len(set(epochs.values())) > 1, "the test needs seeds diverging in different epochs"
     _assert_histories_close(vec, plain)
@@ -183,8 +184,8 @@ def test_a_seed_that_diverges_first_is_retired_and_the_rest_match():
 )
 def test_where_stacking_would_change_the_result_the_plain_path_runs(spec, sets, reason):
     cfg = load_config(None, ["train.epochs=2", "data.samples=16", *sets])
-    vec = run_comparison(cfg, [spec], seeds=2, threads=1, vectorize=True)
-    plain = run_comparison(cfg, [spec], seeds=2, threads=1)
+    vec = run_comparison(cfg, [spec], CompareOptions(seeds=2, threads=1, vectorize=True))
+    plain = run_comparison(cfg, [spec], CompareOptions(seeds=2, threads=1))
     assert len(vec.notes) == 1 and reason in vec.notes[0]
     for tv, tp in zip(vec.trials, plain.trials, strict=True):
         assert [e.train_loss for e in tv.history.epochs] == [e.train_loss for e in tp.history.epochs]

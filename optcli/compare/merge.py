@@ -8,8 +8,10 @@ from pathlib import Path
 
 import yaml
 
-from optcli.compare.comparison import Comparison, Trial, build_comparison, write_comparison
+from optcli.compare.aggregate import outcome
+from optcli.compare.results import Comparison, Trial
 from optcli.compare.runners import OptimizerSpec
+from optcli.compare.save import write_comparison
 from optcli.compare.stats import Target
 from optcli.config import DataConfig, read_yaml
 from optcli.engine.loop import EpochMetrics, History
@@ -57,53 +59,75 @@ def merge_comparisons(run_dirs: list[str], *, out_dir: str = "runs", name: str |
     trials: list[Trial] = []
     seen: dict[tuple[str, int], str] = {}
     for run_dir, (summary, _) in zip(run_dirs, summaries, strict=True):
-        if summary.get("status", "completed") != "completed":
-            raise UserError(f"merge: {run_dir} is {summary['status']}; only finished comparisons merge")
-        for key in ("specs", "epochs", "task", "target"):
-            if summary.get(key) != first.get(key):
-                raise UserError(f"merge: {run_dir} differs from {run_dirs[0]} in {key}; only like comparisons merge")
-        other = {k: v for k, v in _config_of(Path(run_dir)).items() if k not in ("seed", "name")}
-        if other != {k: v for k, v in config.items() if k not in ("seed", "name")}:
-            diff = sorted(k for k in set(other) | set(config) if other.get(k) != config.get(k))
-            raise UserError(f"merge: {run_dir} was run with another config than {run_dirs[0]} ({', '.join(diff)})")
-        for t in summary["trials"]:
-            pair = (t["label"], t["seed"])
-            if pair in seen:
-                raise UserError(f"merge: {t['label']} seed {t['seed']} is in both {seen[pair]} and {run_dir}")
-            seen[pair] = run_dir
-            epochs = [{k: e[k] for k in EPOCH_FIELDS if k in e} for e in t["epochs"]]
-            history = History.from_dict(
-                {"epochs": epochs, **{k: t[k] for k in ("status", "diverged_at", "test_loss", "test_accuracy")}}
-                | {"error": t.get("error")}  # absent from summaries written before trials could fail
-            )
-            trials.append(Trial(t["label"], t["seed"], history))
+        _check_alike(run_dir, summary, run_dirs[0], first, config)
+        trials += _trials(run_dir, summary, seen)
     seeds = sorted({t.seed for t in trials})
+    _check_every_seed(specs, trials, seeds)
+    target = Target(**first["target"]) if first.get("target") else None
+    out = outcome(specs, trials, seeds=seeds, epochs=first["epochs"], target=target, floor=first.get("loss_floor"))
+    parts = [summary.get("provenance") or {} for summary, _ in summaries]
+    differ = differences(parts)
+    # what the task adds to a comparison (a 2-D function's trajectories from each seed's start), from the config
+    function = get_task(DataConfig(**config["data"])).describe_comparison(seeds, trials)
+    out_path = create_run_dir(out_dir, name, prefix="compare-merged-")
+    comparison = Comparison(
+        specs=specs,
+        seeds=seeds,
+        epochs=first["epochs"],
+        task=first["task"],
+        trials=trials,
+        rows=out.rows,
+        verdicts=out.verdicts,
+        curves=out.curves,
+        run_dir=str(out_path),
+        epoch_seconds=sum(e.seconds for t in trials for e in t.history.epochs),
+        function=function,
+        target=target.to_dict() if target is not None else None,
+        loss_floor=first.get("loss_floor"),
+        provenance=parts[0] if not differ else {"parts": dict(zip(run_dirs, parts, strict=True))},
+        # the results still merge, but their last bits may not be comparable
+        warnings=[f"the merged parts ran with different software or settings: {'; '.join(differ)}"] if differ else [],
+    )
+    config_yaml = yaml.safe_dump({**config, "merged_from": [str(d) for d in run_dirs]}, sort_keys=False)
+    with RunLock(out_path), signals.stop_on_signals(), signals.held():
+        write_comparison(config_yaml, comparison, out_path)
+    return comparison
+
+
+def _check_alike(run_dir: str, summary: dict, first_dir: str, first: dict, config: dict) -> None:
+    """A part merges when it finished and ran the same specs, epochs, task, target and config as the first."""
+    if summary.get("status", "completed") != "completed":
+        raise UserError(f"merge: {run_dir} is {summary['status']}; only finished comparisons merge")
+    for key in ("specs", "epochs", "task", "target"):
+        if summary.get(key) != first.get(key):
+            raise UserError(f"merge: {run_dir} differs from {first_dir} in {key}; only like comparisons merge")
+    other = {k: v for k, v in _config_of(Path(run_dir)).items() if k not in ("seed", "name")}
+    if other != {k: v for k, v in config.items() if k not in ("seed", "name")}:
+        diff = sorted(k for k in set(other) | set(config) if other.get(k) != config.get(k))
+        raise UserError(f"merge: {run_dir} was run with another config than {first_dir} ({', '.join(diff)})")
+
+
+def _trials(run_dir: str, summary: dict, seen: dict[tuple[str, int], str]) -> list[Trial]:
+    """The part's trials with their histories; `seen` (pair -> the part it came from) refuses a pair twice."""
+    trials = []
+    for t in summary["trials"]:
+        pair = (t["label"], t["seed"])
+        if pair in seen:
+            raise UserError(f"merge: {t['label']} seed {t['seed']} is in both {seen[pair]} and {run_dir}")
+        seen[pair] = run_dir
+        epochs = [{k: e[k] for k in EPOCH_FIELDS if k in e} for e in t["epochs"]]
+        history = History.from_dict(
+            {"epochs": epochs, **{k: t[k] for k in ("status", "diverged_at", "test_loss", "test_accuracy")}}
+            | {"error": t.get("error")}  # absent from summaries written before trials could fail
+        )
+        trials.append(Trial(t["label"], t["seed"], history))
+    return trials
+
+
+def _check_every_seed(specs: list[OptimizerSpec], trials: list[Trial], seeds: list[int]) -> None:
     for spec in specs:
         have = {t.seed for t in trials if t.label == spec.label}
         if have != set(seeds):
             raise UserError(
                 f"merge: {spec.label} lacks seed(s) {sorted(set(seeds) - have)}; every optimizer needs every seed"
             )
-    comparison = build_comparison(
-        specs,
-        seeds=seeds,
-        epochs=first["epochs"],
-        task=first["task"],
-        trials=trials,
-        epoch_seconds=sum(e.seconds for t in trials for e in t.history.epochs),
-        target=Target(**first["target"]) if first.get("target") else None,
-        floor=first.get("loss_floor"),
-    )
-    parts = [summary.get("provenance") or {} for summary, _ in summaries]
-    differ = differences(parts)
-    comparison.provenance = parts[0] if not differ else {"parts": dict(zip(run_dirs, parts, strict=True))}
-    if differ:  # the results still merge, but their last bits may not be comparable
-        comparison.warnings.append(f"the merged parts ran with different software or settings: {'; '.join(differ)}")
-    out = create_run_dir(out_dir, name, prefix="compare-merged-")
-    comparison.run_dir = str(out)
-    # what the task adds to a comparison (a 2-D function's trajectories from each seed's start), from the config
-    comparison.function = get_task(DataConfig(**config["data"])).describe_comparison(seeds, trials)
-    config_yaml = yaml.safe_dump({**config, "merged_from": [str(d) for d in run_dirs]}, sort_keys=False)
-    with RunLock(out), signals.stop_on_signals(), signals.held():
-        write_comparison(config_yaml, comparison, out)
-    return comparison

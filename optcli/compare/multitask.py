@@ -18,14 +18,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from optcli.compare.comparison import Comparison, check_target, parse_specs, run_comparison
+from optcli.compare.comparison import Comparison, prepare, run_comparison, run_prepared
+from optcli.compare.options import CompareOptions
 from optcli.compare.performance_profile import TAUS, curve, profile
+from optcli.compare.runners import TrialCallbacks
 from optcli.config import Config
-from optcli.engine.model import check_model_config
-from optcli.engine.optimizers import check_scheduler
-from optcli.errors import UserError
 from optcli.rundir.files import create_run_dir, write_json
 
 MEASURE_WHY = {
@@ -89,20 +87,6 @@ def task_measure(c: Comparison) -> tuple[str, dict[str, float], dict[str, str]]:
     return key, values, unscored
 
 
-def task_targets(targets: list[str] | None, n_tasks: int) -> list[str | None]:
-    """--target given once applies to every task; given once per --config, each to its own task, in order."""
-    if not targets:
-        return [None] * n_tasks
-    if len(targets) == 1:
-        return [targets[0]] * n_tasks
-    if len(targets) != n_tasks:
-        raise UserError(
-            f"--target: given {len(targets)} times for {n_tasks} task(s); "
-            "give it once (every task) or once per --config"
-        )
-    return [*targets]
-
-
 def task_names(sources: list[str | None]) -> list[str]:
     names: list[str] = []
     for source in sources:
@@ -117,43 +101,48 @@ def task_names(sources: list[str | None]) -> list[str]:
 def run_compare(
     cfgs: list[tuple[str | None, Config]],
     spec_texts: list[str],
+    options: CompareOptions,
     *,
     on_task: Callable[[str], None] | None = None,
-    **options: Any,
+    on_plan: Callable[[int], None] | None = None,
+    callbacks: TrialCallbacks | None = None,
 ) -> Comparison | MultiTaskComparison:
-    """One task: today's comparison. Several: the same specs on each, then the profile across them."""
-    targets = task_targets(options.pop("target", None), len(cfgs))
+    """One task: today's comparison. Several: the same specs on each, then the profile across them. Every task
+    is checked before the first one trains."""
     if len(cfgs) == 1:
-        return run_comparison(cfgs[0][1], spec_texts, target=targets[0], **options)
+        return run_comparison(cfgs[0][1], spec_texts, options, on_plan=on_plan, callbacks=callbacks)
     started = time.perf_counter()
-    parse_specs(spec_texts)  # every check that can be made before the first task trains
     names = task_names([source for source, _ in cfgs])
-    tuning = options.get("tune") or options.get("tune_lr")
-    for name, (_, cfg), target in zip(names, cfgs, targets, strict=True):
-        if target is not None:
-            check_target(cfg, target)
-        check_model_config(cfg)
-        check_scheduler(cfg.scheduler, cfg.train.epochs)
-        if tuning and cfg.data.val_fraction == 0:
-            raise UserError(f"task {name}: tuning needs a validation split; set data.val_fraction > 0 in it")
+    targets = options.task_targets(len(cfgs))
+    prepared = [
+        prepare(cfg, spec_texts, options, target=target, task=name)
+        for name, (_, cfg), target in zip(names, cfgs, targets, strict=True)
+    ]
     first = cfgs[0][1]
     parent = create_run_dir(first.out_dir, first.name, prefix="compare-tasks-")
     tasks = []
-    for name, (_, cfg), target in zip(names, cfgs, targets, strict=True):
+    for name, (_, cfg), ready in zip(names, cfgs, prepared, strict=True):
         if on_task:
             on_task(name)
         task_cfg = cfg.model_copy(update={"out_dir": str(parent), "name": name})
-        tasks.append((name, run_comparison(task_cfg, spec_texts, target=target, **options)))
+        tasks.append((name, run_prepared(task_cfg, ready, options, on_plan=on_plan, callbacks=callbacks)))
     keys, measures, unscored = set(), {}, {}
     for name, c in tasks:
         key, measures[name], unscored[name] = task_measure(c)
         keys.add(key)
     measure = " or ".join(k for k in MEASURE_WHY if k in keys)
     why = " / ".join(MEASURE_WHY[k] for k in MEASURE_WHY if k in keys)
+    rho = profile(measures)
     result = MultiTaskComparison(
-        tasks, measure, why, measures, unscored, profile=profile(measures), run_dir=str(parent)
+        tasks,
+        measure,
+        why,
+        measures,
+        unscored,
+        profile=rho,
+        run_dir=str(parent),
+        wall_seconds=time.perf_counter() - started,
     )
-    result.wall_seconds = time.perf_counter() - started
     write_json(parent / "summary.json", result.to_dict())
     from optcli.report.profile import save_profile_plot
 

@@ -30,10 +30,11 @@ import json
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeGuard
 
+from optcli.compare.options import CompareOptions
 from optcli.compare.runners import OptimizerSpec, TrialRunner
 from optcli.config import Config, optimizer_config
 from optcli.engine.loop import History
@@ -198,7 +199,7 @@ def lr_find_centres(cfg: Config, specs: list[OptimizerSpec], *, seed: int) -> di
     optimizer's range test gets the same LR_FIND_STEPS, counted in its tuning cost; a test that suggests nothing
     leaves the spec's own centre."""
     from optcli.engine.model import resolve_device
-    from optcli.lr_find import range_test
+    from optcli.lr_find import RangeTestOptions, range_test
     from optcli.tasks import load_data
 
     seeded = cfg.model_copy(update={"seed": seed, "scheduler": None})
@@ -209,7 +210,7 @@ def lr_find_centres(cfg: Config, specs: list[OptimizerSpec], *, seed: int) -> di
         run_cfg = seeded.model_copy(
             update={"optimizer": optimizer_config(spec.name, kwargs, f"optimizer {spec.label}")}
         )
-        result = range_test(run_cfg, data, steps=LR_FIND_STEPS)
+        result = range_test(run_cfg, data, RangeTestOptions(steps=LR_FIND_STEPS))
         out[spec.label] = {
             "suggestion": result.suggestion,
             "rule": result.rule,
@@ -227,21 +228,26 @@ def _score(history: History) -> float:
     return best.val_loss
 
 
+@dataclass(frozen=True)
+class Tuned:
+    record: dict  # the space, every trial, the winner and edge flags of each optimizer
+    histories: list[History]  # of the trials run here
+    specs: list[OptimizerSpec]  # each with its winning setting (its own where no trial finished)
+
+
 def tune(
     specs: list[OptimizerSpec],
     *,
-    budget: int,
+    options: CompareOptions,
     seed: int,
     runner: TrialRunner,
     task: str,
-    storage_url: str | None = None,
     run_dir: Path | None = None,
     overrides: dict[str, Any] | None = None,
-    lr_only: bool = False,
     lr_find: dict[str, dict] | None = None,
-) -> tuple[dict, list[History]]:
-    """Tune every spec with the same budget; on return each spec's kwargs hold its winning setting.
-    Returns the tuning record (space, every trial, winner, edge flags) and the histories of the trials run here."""
+) -> Tuned:
+    """Tune every spec with the same budget (options.tune_budget), the lr alone unless options.tune; returns the
+    tuning record, the histories of the trials run here, and the specs with their winning settings."""
     try:
         import optuna
     except ImportError:
@@ -249,34 +255,17 @@ def tune(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     check_overrides(specs, overrides or {})
     centres = {label: found["suggestion"] for label, found in (lr_find or {}).items()}
+    lr_only, budget = not options.tune, options.tune_budget
     spaces = {
         s.label: search_space(s, overrides=overrides, lr_only=lr_only, lr_centre=centres.get(s.label)) for s in specs
     }
-    storage = open_storage(storage_url, run_dir)
+    storage = open_storage(options.tune_storage, run_dir)
     studies, asked = {}, []
     for spec in specs:
-        space = spaces[spec.label]
-        distributions: dict[str, optuna.distributions.BaseDistribution] = {
-            d.name: optuna.distributions.FloatDistribution(d.low, d.high, log=d.log) for d in space
-        }
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            sampler = optuna.samplers.QMCSampler(
-                qmc_type="sobol", scramble=True, seed=seed, warn_independent_sampling=False
-            )
-        study = optuna.create_study(
-            study_name=study_name(spec, space, budget=budget, seed=seed, task=task),
-            storage=storage,
-            sampler=sampler,
-            direction="minimize",
-            load_if_exists=True,
+        studies[spec.label], trials = _open_study(
+            spec, spaces[spec.label], storage, budget=budget, seed=seed, task=task
         )
-        existing = len(study.trials)  # on a shared storage, other machines' trials count against the budget
-        if not existing:
-            study.enqueue_trial({d.name: d.centre() for d in space})
-        studies[spec.label] = study
-        for _ in range(max(0, budget - existing)):
-            asked.append((spec, study.ask(distributions)))
+        asked += [(spec, trial) for trial in trials]
     plan = [(OptimizerSpec(s.label, s.name, kwargs_at(s, t.params)), seed) for s, t in asked]
     histories = runner.run(plan)
     for (spec, trial), history in zip(asked, histories, strict=True):
@@ -289,13 +278,14 @@ def tune(
         "seed": seed,
         "sampler": "Optuna QMCSampler, scrambled Sobol (trial 0 at the centre of the space)",
         "selected_by": "best validation loss",
-        "storage": storage_url or str(Path(run_dir or ".") / "tuning.journal"),
+        "storage": options.tune_storage or str(Path(run_dir or ".") / "tuning.journal"),
         "lr_only": lr_only,
         "lr_centre": "lr-find" if lr_find else "spec",
         "optimizers": {},
     }
+    tuned = []
     for spec in specs:
-        settled = _settle(spec, studies[spec.label], spaces[spec.label], budget)
+        settled, winner = _settle(spec, studies[spec.label], spaces[spec.label], budget)
         mine = [h for (s, _), h in zip(asked, histories, strict=True) if s.label == spec.label]
         found = (lr_find or {}).get(spec.label)
         # the optimizer steps this machine spent tuning it: every trial's, plus its range test's allotment
@@ -303,7 +293,34 @@ def tune(
         if found:
             settled["lr_find"] = found
         record["optimizers"][spec.label] = settled
-    return record, histories
+        tuned.append(replace(spec, kwargs=winner) if winner is not None else spec)
+    return Tuned(record, histories, tuned)
+
+
+def _open_study(spec: OptimizerSpec, space: list[Dimension], storage, *, budget: int, seed: int, task: str):
+    """The optimizer's study (trial 0 at the centre of its space) and the trials this machine is to run: on a
+    shared storage, other machines' trials count against the budget."""
+    import optuna
+
+    distributions: dict[str, optuna.distributions.BaseDistribution] = {
+        d.name: optuna.distributions.FloatDistribution(d.low, d.high, log=d.log) for d in space
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.QMCSampler(
+            qmc_type="sobol", scramble=True, seed=seed, warn_independent_sampling=False
+        )
+    study = optuna.create_study(
+        study_name=study_name(spec, space, budget=budget, seed=seed, task=task),
+        storage=storage,
+        sampler=sampler,
+        direction="minimize",
+        load_if_exists=True,
+    )
+    existing = len(study.trials)
+    if not existing:
+        study.enqueue_trial({d.name: d.centre() for d in space})
+    return study, [study.ask(distributions) for _ in range(max(0, budget - existing))]
 
 
 def _state(score: float):
@@ -323,8 +340,8 @@ def _finished_trials(study, budget: int) -> list:
         time.sleep(POLL_SECONDS)
 
 
-def _settle(spec: OptimizerSpec, study, space: list[Dimension], budget: int) -> dict:
-    """The winner among the first `budget` trials; the spec then carries its setting."""
+def _settle(spec: OptimizerSpec, study, space: list[Dimension], budget: int) -> tuple[dict, dict[str, Any] | None]:
+    """The record of the first `budget` trials, and the winner's keywords (None when no trial finished)."""
     trials = _finished_trials(study, budget)
     rows = [
         {
@@ -346,15 +363,14 @@ def _settle(spec: OptimizerSpec, study, space: list[Dimension], budget: int) -> 
     }
     if not done:
         out["note"] = "no trial finished with a finite validation loss: the spec's own settings are run"
-        return out
+        return out, None
     best = min(done, key=lambda r: r["val_loss"])
     out["best"] = best
     for d in space:
         u = d.position(best["params"][d.name])
         if u < EDGE or u > 1 - EDGE:
             out["at_edge"].append({"name": d.name, "side": "low" if u < EDGE else "high"})
-    spec.kwargs = kwargs_at(spec, best["params"])
-    return out
+    return out, kwargs_at(spec, best["params"])
 
 
 def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -72,8 +72,8 @@ def print_train_result(result: TrainResult, every: int = 0) -> None:
         line += f"; test loss {fmt(h.test_loss)}" + (
             f", test acc {pct(h.test_accuracy)}" if h.test_accuracy is not None else ""
         )
-    if s["seconds_per_epoch"]:
-        line += f"; {s['seconds_per_epoch']:.3f} s/epoch on {s['device']}"
+    if s["seconds_per_epoch_median_warm"]:  # the median after the cold first epoch
+        line += f"; {s['seconds_per_epoch_median_warm']:.3f} s/epoch on {s['device']}"
     console.print(line)
     console.print(f"run directory: {result.run_dir}")
 
@@ -132,7 +132,7 @@ def comparison_table(comparison: Comparison) -> Table:
             cells.append(f"[bold green]{text}[/]" if best.get(key) == r["label"] else text)
         cells += [fmt(r.get("excess_val_loss"))] if has_excess else []
         cells += [target_cell(r, len(comparison.seeds))] if target else []
-        cells += [mean_pm(r["epochs_to_best"], r["epochs_to_best_std"]), fmt(r["seconds_per_epoch"], 3)]
+        cells += [mean_pm(r["epochs_to_best"], r["epochs_to_best_std"]), fmt(r["seconds_per_epoch_median_warm"], 3)]
         cells += [nbytes(r.get("state_bytes"))] if has_state else []
         status = r["status"]
         if r["diverged_at"]:

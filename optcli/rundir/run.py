@@ -4,33 +4,25 @@ run directory up to date (config.yaml, metrics.csv, metrics.jsonl, summary.json,
 from __future__ import annotations
 
 import copy
-import inspect
 import shutil
 import signal
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from optcli.config import Config, load_config, to_yaml
+from optcli.config import Config, to_yaml
 from optcli.engine import distributed
 from optcli.engine.build import build_model_and_optimizer, torch_settings
-from optcli.engine.distributed import SINGLE, Dist
+from optcli.engine.distributed import Dist
 from optcli.engine.dynamics import epoch_callbacks
-from optcli.engine.loop import History, Training, check_closure_settings, check_precision, fit, grad_scaler
-from optcli.engine.model import check_model_config, resolve_device
-from optcli.engine.optimizers import (
-    SCHEDULE_LENGTH_KWARGS,
-    check_optimizer,
-    check_scheduler,
-    needs_closure,
-    resolve_optimizer,
-    scheduler_classes,
-    signature_defaults,
-)
-from optcli.errors import RunInterrupted, SystemRefused, UserError
+from optcli.engine.loop import History, Training, fit, grad_scaler
+from optcli.engine.optimizers import resolve_optimizer
+from optcli.errors import RunInterrupted, SystemRefused
 from optcli.rundir import signals
 from optcli.rundir.files import (
     RunLock,
@@ -44,17 +36,16 @@ from optcli.rundir.files import (
     load_checkpoint,
     remove_stale_temp_files,
 )
-from optcli.rundir.loggers import check_loggers, make_loggers
+from optcli.rundir.loggers import make_loggers
+from optcli.rundir.preflight import preflight
 from optcli.rundir.provenance import provenance
+from optcli.rundir.resume import check_resume, restore
 from optcli.rundir.schema import FORMAT_VERSION
-from optcli.tasks import load_data
+from optcli.tasks import Data, load_data
 from optcli.tasks.registry import describe_task
 from optcli.tasks.regression import loss_floor
 
 CHECKPOINT_INTERVAL_S = 1.0  # last.pt is rewritten at most this often (and always after the final epoch)
-# what may change on --resume without changing what the saved state means: where the files go, how the run is
-# displayed or compiled, and train.epochs (more of them, unless a scheduler's length was sized from it)
-RESUMABLE_KEYS = ("name", "out_dir", "device", "train.epochs", "train.log_every", "train.compile")
 
 
 @dataclass
@@ -64,29 +55,6 @@ class TrainResult:
     summary: dict
     start_epoch: int  # 1, or the epoch a resumed run continued from
     primary: bool = True  # rank 0 (or the only process): the one that prints
-
-
-def preflight(cfg: Config, dist: Dist = SINGLE) -> torch.device:
-    """Every check that needs torch, done before any data is loaded or any file is written."""
-    check_model_config(cfg)
-    check_optimizer(cfg.optimizer)
-    check_closure_settings(resolve_optimizer(cfg.optimizer.name), cfg.train.accumulate)
-    check_scheduler(cfg.scheduler, cfg.train.epochs)
-    check_loggers(cfg)
-    if dist.enabled:
-        if cfg.data.batch_size % dist.world:
-            raise UserError(
-                f"data.batch_size: {cfg.data.batch_size} is not divisible by the torchrun world size "
-                f"{dist.world}; each rank takes an equal shard of every batch"
-            )
-        if needs_closure(resolve_optimizer(cfg.optimizer.name)):
-            raise UserError(
-                f"optimizer: {cfg.optimizer.name} re-evaluates the loss in step() and is not supported "
-                f"under torchrun; run it in one process"
-            )
-    device = resolve_device(cfg.device)
-    check_precision(cfg.train.precision, device, uses_closure=needs_closure(resolve_optimizer(cfg.optimizer.name)))
-    return device
 
 
 def training_state(model, optimizer, scheduler, scaler: torch.amp.GradScaler | None = None) -> dict:
@@ -115,6 +83,13 @@ def clone_state(value):
     if isinstance(value, (list, tuple)):
         return type(value)(clone_state(v) for v in value)
     return copy.deepcopy(value)
+
+
+def warm_seconds_per_epoch(history: History) -> float | None:
+    """The median epoch time after the first epoch, which pays for warm-up (allocations, caches, lazy imports); the
+    only epoch's time when there is one. The median, so that one slow epoch (another process) does not move it."""
+    seconds = [e.seconds for e in history.epochs]
+    return statistics.median(seconds[1:] or seconds) if seconds else None
 
 
 def summarize(
@@ -149,6 +124,7 @@ def summarize(
         "excess_val_loss": best.val_loss - floor if floor is not None and best and best.val_loss is not None else None,
         "seconds": seconds,
         "seconds_per_epoch": (sum(e.seconds for e in history.epochs) / len(history.epochs)) if history.epochs else None,
+        "seconds_per_epoch_median_warm": warm_seconds_per_epoch(history),
         "device": str(device),
         "world_size": world,  # processes of a torchrun job
         "torch": torch.__version__,
@@ -174,7 +150,7 @@ class RunWriter:
         self.last_write = 0.0
         self.started = time.perf_counter()
 
-    def epoch_done(self, history: History, model, optimizer, scheduler, scaler=None, force: bool = False) -> None:
+    def epoch_done(self, history: History, *, model, optimizer, scheduler, scaler=None, force: bool = False) -> None:
         self.state = training_state(model, optimizer, scheduler, scaler)
         self.history = History(list(history.epochs), history.status, history.diverged_at)
         if force or time.monotonic() - self.last_write >= CHECKPOINT_INTERVAL_S:
@@ -265,7 +241,7 @@ def train_run(
     """One training run; under torchrun, one rank of a DistributedDataParallel job (only rank 0 writes and reports)."""
     dist = distributed.from_env()
     with signals.stop_on_signals():
-        device = distributed.init(dist, preflight(cfg, dist))
+        device = distributed.init(dist, preflight(cfg, dist=dist))
         try:
             with torch_settings(cfg):
                 return _train(
@@ -300,60 +276,22 @@ def _train(
 def _train_locked(
     cfg: Config, *, dist: Dist, device: torch.device, resume: str | None, on_start, on_epoch, on_batch
 ) -> TrainResult:
-    checkpoint = load_checkpoint(Path(resume) / "last.pt") if resume else None
-    if checkpoint is not None:
-        check_resume(checkpoint, cfg, str(resume))  # before anything is written
-    data = load_data(cfg.data, device)
-    model, optimizer, scheduler = build_model_and_optimizer(cfg, data, device)
-    scaler = grad_scaler(cfg.train.precision, device)  # its loss scale is part of the state of a float16 run
-    history = (
-        _restore(checkpoint, model, optimizer, scheduler, scaler, str(resume)) if checkpoint is not None else History()
-    )
-    train_model = model
-    if dist.enabled:  # the checkpoint keeps the unwrapped model, so DDP and single-process runs resume each other
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.train.compile:
-        train_model = torch.compile(train_model)
+    data, (model, optimizer, scheduler, scaler), history = _build(cfg, device, resume)
+    train_model = _train_model(cfg, model, dist, device)
     start_epoch = len(history.epochs) + 1
-    writer = None
-    lock = None
-    if dist.primary:
-        if resume:
-            run_dir = Path(resume)
-            remove_stale_temp_files(run_dir)
-        else:
-            run_dir = create_run_dir(cfg.out_dir, cfg.name, prefix="train-")
-            lock = RunLock(run_dir).acquire()
-        try:
-            atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-        except BaseException:
-            if not resume:  # nothing of this run was saved: leave no directory behind
-                if lock is not None:
-                    lock.release()
-                shutil.rmtree(run_dir, ignore_errors=True)
-            raise
-        writer = RunWriter(run_dir, cfg, device, dist.world)
-        if on_start is not None:
-            on_start(run_dir, start_epoch, data)
-    else:
+    writer, lock = _open_run_dir(cfg, device, dist, resume) if dist.primary else (None, None)
+    if writer is None:  # a rank of a torchrun job other than 0 reports nothing
         on_epoch = on_batch = None
-
+    elif on_start is not None:
+        on_start(writer.run_dir, start_epoch, data)
     callbacks = epoch_callbacks(cfg, model, optimizer)
     if writer is not None:
         callbacks += make_loggers(cfg, writer.run_dir, n_train=len(data.train))
 
     def epoch_done(h: History) -> None:
         if writer is not None:
-            writer.epoch_done(
-                h,
-                model,
-                optimizer,
-                scheduler,
-                scaler,
-                force=h.status == "diverged" or len(h.epochs) == cfg.train.epochs,
-            )
+            last = h.status == "diverged" or len(h.epochs) == cfg.train.epochs
+            writer.epoch_done(h, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, force=last)
         if on_epoch is not None:
             on_epoch(h)
 
@@ -370,19 +308,10 @@ def _train_locked(
             writer.flush(history=history)  # the final status and the test metrics
             writer.write_plot(history)
     except BaseException as exc:
-        # a stop signal; or, once one arrived, whatever it broke (a collective whose peer rank stopped first)
-        stopped = isinstance(exc, KeyboardInterrupt) or signals.received() is not None
-        signum = signals.signum_of(exc)
-        if writer is None:
-            if stopped:
-                raise RunInterrupted(None, signum) from None
+        interrupted = _record_end(exc, writer)
+        if interrupted is None:
             raise
-        if not stopped:
-            writer.fail(exc)
-            raise
-        writer.flush(status="interrupted", interrupted_by=signal.Signals(signum).name)
-        writer.write_plot()
-        raise RunInterrupted(str(writer.run_dir), signum) from None
+        raise interrupted from None
     finally:
         for callback in callbacks:
             callback.close()
@@ -392,79 +321,67 @@ def _train_locked(
     return TrainResult(writer.run_dir if writer else None, history, summary, start_epoch, dist.primary)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+def _build(cfg: Config, device: torch.device, resume: str | None) -> tuple[Data, tuple, History]:
+    """The data, the model, optimizer, scheduler and scaler, and the history so far: empty, or a resumed run's,
+    with the state of its checkpoint put back (checked against the config before anything is written)."""
+    checkpoint = load_checkpoint(Path(resume) / "last.pt") if resume else None
+    if checkpoint is not None:
+        check_resume(checkpoint, cfg, str(resume))
+    data = load_data(cfg.data, device)
+    model, optimizer, scheduler = build_model_and_optimizer(cfg, data, device)
+    scaler = grad_scaler(cfg.train.precision, device)  # its loss scale is part of the state of a float16 run
+    if checkpoint is None:
+        return data, (model, optimizer, scheduler, scaler), History()
+    history = restore(checkpoint, model, optimizer, scheduler, scaler, str(resume))
+    return data, (model, optimizer, scheduler, scaler), history
 
 
-def _schedule_sized_from_epochs(cfg: Config) -> bool:
-    if cfg.scheduler is None:
-        return False
-    cls = scheduler_classes().get(cfg.scheduler.name.lower())
-    if cls is None:
-        return False
-    defaults = signature_defaults(cls)
-    return any(
-        k in defaults and k not in cfg.scheduler.kwargs and defaults[k] in (inspect.Parameter.empty, None)
-        for k in SCHEDULE_LENGTH_KWARGS
-    )
+def _train_model(cfg: Config, model: torch.nn.Module, dist: Dist, device: torch.device) -> Any:
+    """The module run forward in training: the model, wrapped for DDP and compiled when asked."""
+    train_model: Any = model
+    if dist.enabled:  # the checkpoint keeps the unwrapped model, so DDP and single-process runs resume each other
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)
+    return train_model
 
 
-def check_resume(checkpoint: dict, cfg: Config, run_dir: str) -> None:
-    """A resumed run goes on with the config it was saved with: only RESUMABLE_KEYS may differ (a config.yaml
-    edited on disk counts), and train.epochs only upwards and only when no schedule was sized from it."""
-    missing = object()
-    old, new = _flatten(checkpoint["config"]), _flatten(cfg.model_dump(mode="json"))
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k, missing) != new.get(k, missing))
-    done = len(checkpoint["history"]["epochs"])
-    refused = [k for k in changed if k not in RESUMABLE_KEYS]
-    why = ""
-    if "train.epochs" in changed and _schedule_sized_from_epochs(cfg):
-        refused.append("train.epochs")
-        why = f"; scheduler {cfg.scheduler.name if cfg.scheduler else ''} was sized from train.epochs"
-    if refused:
-        parts = "; ".join(f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in sorted(refused))
-        raise UserError(
-            f"--resume {run_dir}: would change what the saved state means ({parts}){why}; only "
-            f"{', '.join(RESUMABLE_KEYS)} may change on resume: start a new run instead"
-        )
-    if cfg.train.epochs < done:
-        raise UserError(
-            f"--resume {run_dir}: train.epochs: {cfg.train.epochs} is fewer than the {done} epochs already trained"
-        )
-
-
-def _restore(checkpoint: dict, model, optimizer, scheduler, scaler: torch.amp.GradScaler, resume: str) -> History:
+def _open_run_dir(
+    cfg: Config, device: torch.device, dist: Dist, resume: str | None
+) -> tuple[RunWriter, RunLock | None]:
+    """The run directory with its config.yaml (a resumed run's own, cleared of a crash's temporary files), its writer,
+    and the lock of a new one (a resumed one was locked before its checkpoint was read)."""
+    lock = None
+    if resume:
+        run_dir = Path(resume)
+        remove_stale_temp_files(run_dir)
+    else:
+        run_dir = create_run_dir(cfg.out_dir, cfg.name, prefix="train-")
+        lock = RunLock(run_dir).acquire()
     try:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scheduler is not None and checkpoint.get("scheduler") is not None:
-            scheduler.load_state_dict(checkpoint["scheduler"])
-        if checkpoint.get("scaler") is not None:
-            scaler.load_state_dict(checkpoint["scaler"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
-        history = History.from_dict(checkpoint["history"])
-    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-        raise UserError(
-            f"{resume}: the checkpoint does not fit this config ({str(exc).splitlines()[0][:200]})"
-        ) from None
-    history.status = "running"
-    return history
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    except BaseException:
+        if not resume:  # nothing of this run was saved: leave no directory behind
+            if lock is not None:
+                lock.release()
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return RunWriter(run_dir, cfg, device, dist.world), lock
 
 
-def resume_config(run_dir: str, overrides: list[str]) -> Config:
-    """The config a run was started with (its config.yaml), with --set overrides such as train.epochs=30."""
-    path = Path(run_dir) / "config.yaml"
-    if not Path(run_dir).is_dir():
-        raise UserError(f"--resume {run_dir}: no such run directory")
-    if not path.is_file():
-        raise UserError(f"--resume {run_dir}: no config.yaml in it; not a run directory")
-    return load_config(path, overrides)
+def _record_end(exc: BaseException, writer: RunWriter | None) -> RunInterrupted | None:
+    """After training ended by `exc`: the run directory marked interrupted (a stop signal; or, once one arrived,
+    whatever it broke, such as a collective whose peer rank stopped first) or failed. Returns what to raise
+    instead of `exc`, or None to re-raise it."""
+    stopped = isinstance(exc, KeyboardInterrupt) or signals.received() is not None
+    signum = signals.signum_of(exc)
+    if writer is None:
+        return RunInterrupted(None, signum) if stopped else None
+    if not stopped:
+        writer.fail(exc)
+        return None
+    writer.flush(status="interrupted", interrupted_by=signal.Signals(signum).name)
+    writer.write_plot()
+    return RunInterrupted(str(writer.run_dir), signum)

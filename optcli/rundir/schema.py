@@ -133,14 +133,7 @@ def check_checkpoint(obj: Any, path: str) -> dict:
 
 def parse_comparison_summary(data: bytes, path: str) -> dict:
     """A comparison's summary.json, checked in full, with null losses read back as NaN (how they were written)."""
-    try:
-        raw = json.loads(data.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
-    except RecursionError:
-        raise UserError(f"{path}: not valid JSON (nested too deeply)") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: not a comparison summary (the top level is a {type(raw).__name__})")
+    raw = _json_object(data, path)
     missing = [k for k in ("specs", "seeds", "epochs", "task", "trials") if k not in raw]
     if missing:
         raise UserError(f"{path}: not a comparison summary (missing {', '.join(missing)})")
@@ -152,6 +145,29 @@ def parse_comparison_summary(data: bytes, path: str) -> dict:
     for i, spec in enumerate(raw["specs"]):
         if not isinstance(spec.get("kwargs"), dict):
             raise UserError(f"{path}: not a valid comparison summary: specs.{i}.kwargs: not a mapping")
+    _check_trials(summary, path)
+    for trial in raw["trials"]:
+        for e in trial["epochs"]:
+            for key in ("train_loss", "lr"):
+                if e[key] is None:
+                    e[key] = math.nan
+    return raw
+
+
+def _json_object(data: bytes, path: str) -> dict:
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise UserError(f"{path}: not valid JSON (nested too deeply)") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: not a comparison summary (the top level is a {type(raw).__name__})")
+    return raw
+
+
+def _check_trials(summary: ComparisonSummaryFile, path: str) -> None:
+    """Every trial belongs to one of the comparison's optimizers (each label once) and seeds, within its epochs."""
     labels = [s.label for s in summary.specs]
     if len(set(labels)) != len(labels):
         raise UserError(f"{path}: not a valid comparison summary: specs: a label appears twice")
@@ -162,9 +178,3 @@ def parse_comparison_summary(data: bytes, path: str) -> dict:
             raise UserError(f"{path}: trials.{i}: seed {t.seed} is not one of the comparison's {summary.seeds}")
         if len(t.epochs) > summary.epochs:
             raise UserError(f"{path}: trials.{i}: {len(t.epochs)} epochs, more than the comparison's {summary.epochs}")
-    for trial in raw["trials"]:
-        for e in trial["epochs"]:
-            for key in ("train_loss", "lr"):
-                if e[key] is None:
-                    e[key] = math.nan
-    return raw
