@@ -25,6 +25,7 @@ Run from the repository root:  python benchmarks/perf.py [--data-root ../shared/
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -189,11 +190,12 @@ COMPARE_SNIPPET = """
 import json, sys, time, torch
 from optcli.config import load_config
 from optcli.compare.comparison import run_comparison
+from optcli.compare.options import CompareOptions
 opts = json.loads(sys.argv[1])
 cfg = load_config(opts["config"], opts["overrides"])
 t0 = time.perf_counter()
-c = run_comparison(cfg, opts["specs"], seeds=opts["seeds"], jobs=opts["jobs"], threads=opts["threads"] or None,
-                   backend=opts["backend"])
+c = run_comparison(cfg, opts["specs"], CompareOptions(seeds=opts["seeds"], jobs=opts["jobs"],
+                   threads=opts["threads"] or None, backend=opts["backend"]))
 wall = time.perf_counter() - t0
 print(json.dumps({"wall": wall, "epoch_seconds": c.epoch_seconds, "jobs": c.jobs, "run_dir": c.run_dir,
                   "losses": [[e.train_loss for e in t.history.epochs] for t in c.trials]}))
@@ -390,9 +392,11 @@ def largest_difference(a, b) -> tuple[float, float, str]:
 
 def vectorized_section(data_root: str, args, out_dir: str) -> None:
     from optcli.compare.comparison import run_comparison
+    from optcli.compare.options import CompareOptions
 
     print("\n5. 3 optimizers x 5 seeds, the seeds stacked (--vectorize) against the plain path (this process)")
-    run_comparison(load_config(None, ["train.epochs=2", f"out_dir={out_dir}"]), ["adam"], seeds=2)  # warm-up
+    warm_up = load_config(None, ["train.epochs=2", f"out_dir={out_dir}"])
+    run_comparison(warm_up, ["adam"], CompareOptions(seeds=2))
     tasks = [
         (
             f"regression (default task), {args.regression_epochs} epochs",
@@ -413,9 +417,9 @@ def vectorized_section(data_root: str, args, out_dir: str) -> None:
     for name, config, extra in tasks:
         cfg = load_config(config, [*extra, f"out_dir={out_dir}", "device=cpu"])
         t0 = time.perf_counter()
-        plain = run_comparison(cfg, list(SPECS), seeds=5)
+        plain = run_comparison(cfg, list(SPECS), CompareOptions(seeds=5))
         t1 = time.perf_counter()
-        stacked = run_comparison(cfg, list(SPECS), seeds=5, vectorize=True)
+        stacked = run_comparison(cfg, list(SPECS), CompareOptions(seeds=5, vectorize=True))
         t2 = time.perf_counter()
         first, worst, where = largest_difference(plain, stacked)
         print(
@@ -458,7 +462,7 @@ def startup_section(out_dir: str) -> None:
             subprocess.run(cmd, check=True, cwd=ROOT)
             t.append(time.perf_counter() - t0)
         print(f"  {what}: {statistics.median(t):.2f} s")
-    walls, trains = [], []
+    walls, trains, firsts, warms = [], [], [], []
     for _ in range(3):
         t0 = time.perf_counter()
         out = subprocess.run(
@@ -470,11 +474,17 @@ def startup_section(out_dir: str) -> None:
         )
         walls.append(time.perf_counter() - t0)
         summary = json.loads(out.stdout.strip().splitlines()[-1])
-        trains.append(summary["seconds_per_epoch"] * summary["epochs_completed"])
+        run_dir = Path(summary["run_dir"])
+        seconds = [float(row["seconds"]) for row in csv.DictReader((ROOT / run_dir / "metrics.csv").open())]
+        trains.append(sum(seconds))  # every epoch's own time, from metrics.csv
+        firsts.append(seconds[0])
+        warms.append(summary["seconds_per_epoch_median_warm"])
     wall, train = statistics.median(walls), statistics.median(trains)
+    first, warm = statistics.median(firsts), statistics.median(warms)
     print(
         f"  optcli train: wall {wall:.2f} s, of which training epochs {train:.2f} s, before/after training "
-        f"{wall - train:.2f} s"
+        f"{wall - train:.2f} s; the first epoch {first:.3f} s, the later ones {warm:.3f} s each (median), so "
+        f"{first - warm:.3f} s of the first is warm-up"
     )
 
 

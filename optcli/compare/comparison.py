@@ -215,7 +215,7 @@ def run_trials(
     specs, seeds, stopped = prepared.specs, prepared.seeds, None
     try:
         with make_runner(cfg, options, device=prepared.device, callbacks=callbacks) as runner:
-            tuned = tune(cfg, specs, options, seed=seeds[0], runner=runner, run_dir=run_dir)
+            tuned = tune_first(cfg, specs, options, seed=seeds[0], runner=runner, run_dir=run_dir)
             specs = tuned.specs if tuned is not None else specs
             plan = [(spec, seed) for seed in seeds for spec in specs]
             try:
@@ -229,8 +229,14 @@ def run_trials(
     return Ran(specs, trials, tuned, notes, stopped)
 
 
-def tune(
-    cfg: Config, specs: list[OptimizerSpec], options: CompareOptions, *, seed: int, runner: TrialRunner, run_dir
+def tune_first(
+    cfg: Config,
+    specs: list[OptimizerSpec],
+    options: CompareOptions,
+    *,
+    seed: int,
+    runner: TrialRunner,
+    run_dir: Path | None,
 ) -> Tuned | None:
     """--tune / --tune-lr on the first seed, through the comparison's runner; None without them."""
     if not options.tuning:
