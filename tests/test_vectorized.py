@@ -153,8 +153,8 @@ def test_vectorized_mnist_with_dropout_accumulation_and_a_schedule(tiny_mnist):
 def test_a_per_step_schedule_steps_the_stacked_seeds_as_it_steps_a_plain_trial():
     sets = ["train.epochs=3", "data.samples=48", "data.batch_size=8", "scheduler={name: onecyclelr, max_lr: 0.01}"]
     cfg = load_config(None, sets)
-    plain = run_comparison(cfg, ["sgd:momentum=0.9", "adam"], seeds=2, threads=1)
-    vec = run_comparison(cfg, ["sgd:momentum=0.9", "adam"], seeds=2, threads=1, vectorize=True)
+    plain = run_comparison(cfg, ["sgd:momentum=0.9", "adam"], CompareOptions(seeds=2, threads=1))
+    vec = run_comparison(cfg, ["sgd:momentum=0.9", "adam"], CompareOptions(seeds=2, threads=1, vectorize=True))
     assert vec.notes == []
     _assert_histories_close(vec, plain)  # the lr of every epoch's first step included
 

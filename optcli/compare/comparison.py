@@ -156,7 +156,7 @@ def run_comparison(
     With options.jobs > 1 the trials run in separate processes (runners.ProcessPoolRunner). options.threads is
     torch's thread count per trial (default: all cores serially, cores // jobs in parallel); with equal thread
     counts serial and parallel runs give bit-identical results, since torch splits parallel sums by thread.
-    options.vectorize stacks the seeds of each optimizer into one model where that is exact (StackedRunner);
+    options.vectorize stacks the seeds of each optimizer into one model where that is exact (stacked_runner.py);
     backend "ray" runs every trial as a Ray task (runners.RayRunner). tune_centre "lr-find" centres each
     optimizer's lr range on its lr-find suggestion (tuning.lr_find_centres)."""
     started = time.perf_counter()
@@ -298,7 +298,7 @@ def make_runner(
     if options.backend == "ray":
         return RayRunner(cfg, threads=options.threads, callbacks=callbacks)
     if options.vectorize:
-        from optcli.engine.stacked import StackedRunner
+        from optcli.compare.stacked_runner import StackedRunner
 
         return StackedRunner(cfg, load_data(cfg.data, device), callbacks)
     if options.jobs > 1:
