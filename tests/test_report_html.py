@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from optcli.compare.comparison import load_compare_config, run_comparison
+from optcli.compare.options import CompareOptions
 from optcli.compare.runners import TrialCallbacks
 from optcli.config import load_config
 from optcli.errors import RunInterrupted
@@ -75,7 +76,14 @@ class Cells(HTMLParser):
 
 
 def _summary_values(summary: dict) -> list[float]:
-    keys = ["final_train_loss", "best_val_loss", "val_r2", "excess_val_loss", "seconds_per_epoch", "state_bytes"]
+    keys = [
+        "final_train_loss",
+        "best_val_loss",
+        "val_r2",
+        "excess_val_loss",
+        "seconds_per_epoch_median_warm",
+        "state_bytes",
+    ]
     return [r[k] for r in summary["rows"] for k in keys]
 
 
@@ -221,7 +229,9 @@ def test_an_interrupted_comparison_reports_interrupted_and_the_finished_trials(t
             raise KeyboardInterrupt
 
     with pytest.raises(RunInterrupted):
-        run_comparison(cfg, ["sgd", "adam"], seeds=2, callbacks=TrialCallbacks(on_trial_start=stop_third))
+        run_comparison(
+            cfg, ["sgd", "adam"], CompareOptions(seeds=2), callbacks=TrialCallbacks(on_trial_start=stop_third)
+        )
     page = (tmp_path / "runs" / "i" / "report.html").read_text()
     assert "interrupted by SIGINT" in page and "2 of 4 trials finished" in page
     data = json.loads(re.search(r'id="optcli-data">(.*?)</script>', page, re.S).group(1))

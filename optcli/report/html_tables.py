@@ -81,7 +81,8 @@ def summary_table(summary: dict) -> str:
         if target:
             cells.append(cell(target_cell(r, len(summary["seeds"])), value=r.get("target_steps"), cls="num"))
         cells.append(cell(mean_pm(r.get("epochs_to_best"), r.get("epochs_to_best_std")), cls="num"))
-        cells.append(cell(fmt(r.get("seconds_per_epoch"), 3), value=r.get("seconds_per_epoch"), cls="num"))
+        warm = r.get("seconds_per_epoch_median_warm")  # the median after the cold first epoch, as the terminal's
+        cells.append(cell(fmt(warm, 3), value=warm, cls="num"))
         if has_state:
             cells.append(cell(nbytes(r.get("state_bytes")), value=r.get("state_bytes"), cls="num"))
         status, bad = _status(r)
@@ -103,7 +104,7 @@ def train_table(summary: dict) -> str:
         ("best val R²", fmt(best.get("val_r2")), best.get("val_r2")),
         ("test loss", fmt(summary.get("test_loss")), summary.get("test_loss")),
         ("test acc", pct(summary.get("test_accuracy")), summary.get("test_accuracy")),
-        ("s/epoch", fmt(summary.get("seconds_per_epoch"), 3), summary.get("seconds_per_epoch")),
+        ("s/epoch", fmt(summary.get("seconds_per_epoch_median_warm"), 3), summary.get("seconds_per_epoch_median_warm")),
     ]
     rows = [cell(k) + cell(text, value=v, cls="num") for k, text, v in items if text != "—"]
     return table(["", str(summary["optimizer"].get("name"))], rows, cls="summary")
