@@ -137,6 +137,16 @@ def loss_weight(dist: Dist, n_global: int, reduction: str) -> float:
     return dist.world / n_global if reduction == "mean" else float(dist.world)
 
 
+def gradient_sync(model: nn.Module, *, sync: bool) -> AbstractContextManager:
+    """DDP all-reduces the gradients in every backward(); between the micro-batches of an accumulated step they only
+    add up locally, so all but the step's last run under no_sync() (forward included, as DDP requires) and the last
+    backward all-reduces the sum once. A torch.compile wrapper is looked through to the DDP module it holds."""
+    inner = getattr(model, "_orig_mod", model)
+    if sync or not isinstance(inner, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return inner.no_sync()
+
+
 @dataclass(frozen=True)
 class StepSettings:
     """How batches become optimizer steps (train.*), the same for every epoch of a run."""
@@ -168,9 +178,10 @@ class PlainStep:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, *, last: bool) -> torch.Tensor:
         s = self.settings
         x, y, n_global = s.dist.shard(x), s.dist.shard(y), len(x)
-        with autocast(s.precision, x.device.type):
-            loss = self.loss_fn(self.model(x), y)
-        self.backward(loss * self.scale * loss_weight(s.dist, n_global, s.reduction))
+        with gradient_sync(self.model, sync=last):
+            with autocast(s.precision, x.device.type):
+                loss = self.loss_fn(self.model(x), y)
+            self.backward(loss * self.scale * loss_weight(s.dist, n_global, s.reduction))
         if last:
             self.step()
             self.optimizer.zero_grad(set_to_none=True)
