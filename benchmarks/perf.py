@@ -14,7 +14,9 @@ It also reports the speed-up of `compare --jobs 2` over the serial run (no targe
      stacked (`--vectorize`) against the plain path: wall times, ratio, and the largest relative difference of any
      per-epoch metric;
   6. that regression comparison's wall time serial, with --jobs 2, and with --backend ray on a local 2-CPU Ray;
-  7. what `optcli train` on the default task costs before it trains: python, import torch, torch._dynamo.
+  7. what `optcli train` on the default task costs before it trains: python, import torch, torch._dynamo;
+  8. what a user waits for: the first MNIST epoch against the median of the later ones, and the wall time of
+     `optcli train` (MNIST) and `optcli compare` (default task) split into imports, data, training and writing.
 The epoch section runs once per instruction set the CPU has (AVX2; AVX-512 too where present, by
 ATEN_CPU_CAPABILITY and MKL_ENABLE_INSTRUCTIONS in a child process).
 
@@ -488,6 +490,122 @@ def startup_section(out_dir: str) -> None:
     )
 
 
+# Runs the CLI in this fresh process with the time of each kind of work taken exclusively (time spent in a nested
+# timed call counts for the inner kind only): imports (every module load, wherever it happens), data (load_data),
+# training (fit, the epochs with their validation), writing (atomic file writes, checkpoints, plots, report.html).
+WAIT_SNIPPET = r"""
+import json, os, sys, threading, time
+T0 = time.perf_counter()
+import _frozen_importlib
+
+MAIN, totals, stack = threading.get_ident(), {}, []
+
+def timed(kind, fn):
+    def wrapper(*args, **kwargs):
+        if threading.get_ident() != MAIN:
+            return fn(*args, **kwargs)
+        frame = [kind, time.perf_counter(), 0.0]
+        stack.append(frame)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            stack.pop()
+            elapsed = time.perf_counter() - frame[1]
+            totals[kind] = totals.get(kind, 0.0) + elapsed - frame[2]
+            if stack:
+                stack[-1][2] += elapsed
+            if kind == "imports" and any(f[0] == "training" for f in stack):
+                totals["imports during training"] = totals.get("imports during training", 0.0) + elapsed - frame[2]
+    return wrapper
+
+_frozen_importlib._find_and_load = timed("imports", _frozen_importlib._find_and_load)
+import optcli.cli, optcli.compare.comparison, optcli.compare.runners, optcli.engine.loop, optcli.report.html
+import optcli.report.plots, optcli.rundir.files, optcli.rundir.run, optcli.tasks
+
+targets = {
+    "data": [(optcli.tasks, "load_data")],
+    "training": [(optcli.engine.loop, "fit")],
+    "writing": [(optcli.rundir.files, n) for n in ("atomic_write_bytes", "atomic_write_files", "atomic_write_text",
+                                                   "save_checkpoint")]
+    + [(optcli.report.plots, "save_figure"), (optcli.report.html, "build_report"), (optcli.report.html,
+                                                                                   "report_after_run")],
+}
+for kind, where in targets.items():
+    for module, name in where:
+        original = getattr(module, name)
+        wrapped = timed(kind, original)
+        for m in list(sys.modules.values()):  # every `from x import name` binding too
+            if getattr(m, "__name__", "").startswith("optcli") and getattr(m, name, None) is original:
+                setattr(m, name, wrapped)
+try:
+    optcli.cli.app(sys.argv[1:], prog_name="optcli", standalone_mode=False)
+finally:
+    totals["inside"] = time.perf_counter() - T0
+    with open(os.environ["OPTCLI_WAIT_OUT"], "w") as f:
+        json.dump(totals, f)
+"""
+
+
+def waited(args: list[str], out_dir: str) -> dict:
+    """One CLI command in a fresh process: its wall time from outside and the exclusive times from WAIT_SNIPPET."""
+    result = ROOT / out_dir / "wait.json"
+    result.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OPTCLI_WAIT_OUT": str(result)}
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", WAIT_SNIPPET, *args], check=True, capture_output=True, cwd=ROOT, env=env)
+    wall = time.perf_counter() - t0
+    return {**json.loads(result.read_text()), "wall": wall}
+
+
+def epoch_seconds(run_dir: Path) -> list[float]:
+    return [float(row["seconds"]) for row in csv.DictReader((run_dir / "metrics.csv").open())]
+
+
+def wait_section(data_root: str, args, out_dir: str) -> None:
+    """What a user waits for: the first epoch against the later ones, and where a command's wall time goes."""
+    start = [sys.executable, "-c", "pass"]
+    python = statistics.median(_wall(start) for _ in range(3))
+    mnist = ["-c", str(ROOT / "configs" / "mnist_mlp.yaml"), "--set", f"data.root={data_root}"]
+    mnist += ["--set", "data.download=false", "--set", "device=cpu", "--set", f"out_dir={out_dir}"]
+    epochs = max(3, args.epochs + 1)
+    commands = [
+        (
+            f"optcli train -c configs/mnist_mlp.yaml, {epochs} epochs",
+            ["train", *mnist, "--set", f"train.epochs={epochs}", "--set", "name=wait-train"],
+        ),
+        (
+            f"optcli compare sgd adam rmsprop --seeds 2 (default task, {args.compare_epochs} epochs)",
+            ["compare", "sgd", "adam", "rmsprop", "--seeds", "2", "--epochs", str(args.compare_epochs)]
+            + ["--set", f"out_dir={out_dir}", "--set", "name=wait-compare"],
+        ),
+    ]
+    print(f"\n8. What a user waits for (a fresh process each; python itself starts in {python:.2f} s)")
+    for what, cmd in commands:
+        shutil.rmtree(ROOT / out_dir, ignore_errors=True)
+        t = waited(cmd, out_dir)
+        parts = {k: t.get(k, 0.0) for k in ("imports", "data", "training", "writing")}
+        rest = t["wall"] - python - sum(parts.values())
+        print(
+            f"  {what}: wall {t['wall']:.2f} s = python start {python:.2f} + "
+            + " + ".join(f"{k} {v:.2f}" for k, v in parts.items())
+            + f" + the rest {rest:.2f} s (parsing, building the model and optimizer, printing)"
+        )
+        if cmd[0] == "train":
+            seconds = epoch_seconds(ROOT / out_dir / "wait-train")
+            later = statistics.median(seconds[1:])
+            print(
+                f"  first epoch {seconds[0]:.3f} s against the median of the later ones {later:.3f} s "
+                f"({seconds[0] / later:.2f}x; imports during training {t.get('imports during training', 0.0):.3f} s)"
+            )
+    shutil.rmtree(ROOT / out_dir, ignore_errors=True)
+
+
+def _wall(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return time.perf_counter() - t0
+
+
 def memory_section(data_root: str, out_dir: str) -> None:
     print("\n4. Peak memory of `optcli train -c configs/mnist_mlp.yaml` (1 epoch)")
     rss = peak_rss_mb(data_root, out_dir)
@@ -507,7 +625,7 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="also time train.compile=true")
     parser.add_argument(
         "--only",
-        choices=["epoch", "precision", "cli", "compare", "memory", "vectorize", "backends", "startup"],
+        choices=["epoch", "precision", "cli", "compare", "memory", "vectorize", "backends", "startup", "wait"],
         action="append",
         help="run only these sections (repeatable); all by default",
     )
@@ -535,6 +653,8 @@ def main() -> int:
         backend_section(data_root, args, out_dir)
     if run("startup"):
         startup_section(out_dir)
+    if run("wait"):
+        wait_section(data_root, args, out_dir)
     if run("memory"):
         memory_section(data_root, out_dir)
     missed = [r for r in results if not r[3]]
