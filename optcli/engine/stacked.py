@@ -231,7 +231,11 @@ def _batches(split: Split, batch_size: int, perms: torch.Tensor) -> Iterator[tup
     """tasks.batches for every live seed: (seeds, batch, ...) in each seed's own order."""
     for start in range(0, len(split), batch_size):
         idx = perms[:, start : start + batch_size]
-        yield split.x[idx], split.y[idx]
+        flat = idx.reshape(-1)  # index_select, as tasks.batches
+        yield (
+            split.x.index_select(0, flat).view(*idx.shape, *split.x.shape[1:]),
+            split.y.index_select(0, flat).view(*idx.shape, *split.y.shape[1:]),
+        )
 
 
 @torch.no_grad()
