@@ -477,7 +477,7 @@ def startup_section(out_dir: str) -> None:
         walls.append(time.perf_counter() - t0)
         summary = json.loads(out.stdout.strip().splitlines()[-1])
         run_dir = Path(summary["run_dir"])
-        seconds = [float(row["seconds"]) for row in csv.DictReader((ROOT / run_dir / "metrics.csv").open())]
+        seconds = epoch_seconds(ROOT / run_dir)
         trains.append(sum(seconds))  # every epoch's own time, from metrics.csv
         firsts.append(seconds[0])
         warms.append(summary["seconds_per_epoch_median_warm"])
@@ -588,7 +588,7 @@ def wait_section(data_root: str, args, out_dir: str) -> None:
         print(
             f"  {what}: wall {t['wall']:.2f} s = python start {python:.2f} + "
             + " + ".join(f"{k} {v:.2f}" for k, v in parts.items())
-            + f" + the rest {rest:.2f} s (parsing, building the model and optimizer, printing)"
+            + f" + the rest {rest:.2f} s (parsing, building the model and optimizer, printing, process exit)"
         )
         if cmd[0] == "train":
             seconds = epoch_seconds(ROOT / out_dir / "wait-train")
