@@ -172,7 +172,7 @@ def save_run_plot(history: History, path: Path) -> None:
 
 
 DYNAMICS = (
-    ("grad_norm", "gradient norm ||g|| (RMS over steps)"),
+    ("grad_norm", "gradient norm ||g|| (RMS over every 10th step)"),
     ("update_ratio", "update / weight ||Δw||/||w|| (one step)"),
     ("step_size", "effective step size ||Δw||/||g||"),
 )
