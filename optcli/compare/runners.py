@@ -18,30 +18,20 @@ import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from optcli.config import Config, OptimizerConfig, optimizer_config
+from optcli.config import Config
 from optcli.engine.build import build_model_and_optimizer, seed_torch, set_torch_settings, torch_settings
 from optcli.engine.dynamics import epoch_callbacks
 from optcli.engine.loop import History, Training, fit
+from optcli.engine.optimizers import OptimizerSpec
 from optcli.errors import UserError
 from optcli.rundir import signals
 from optcli.tasks import Data
 
 if TYPE_CHECKING:
     import torch
-
-
-@dataclass
-class OptimizerSpec:
-    label: str
-    name: str  # the optimizer's class name
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    groups: list[dict[str, Any]] = field(default_factory=list)  # optimizer.groups of the config, for every spec
-
-    def config(self) -> OptimizerConfig:
-        return optimizer_config(self.name, {**self.kwargs, "groups": self.groups}, f"optimizer spec '{self.label}'")
 
 
 Plan = list[tuple[OptimizerSpec, int]]

@@ -14,13 +14,14 @@ import importlib.util
 import inspect
 import re
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
 import yaml
 from torch import nn
 
-from optcli.config import OptimizerConfig, SchedulerConfig, parse_yaml
+from optcli.config import OptimizerConfig, SchedulerConfig, optimizer_config, parse_yaml
 from optcli.engine import stepping
 from optcli.errors import UserError
 
@@ -30,6 +31,17 @@ SCHEDULE_LENGTH_KWARGS = ("T_max", "total_steps", "total_iters")
 # A scheduler whose signature counts in steps (OneCycleLR's steps_per_epoch, CyclicLR's step_size_up, warmup
 # steps) is stepped after every optimizer step unless scheduler.interval says otherwise; the rest per epoch.
 PER_STEP_KWARGS = ("steps_per_epoch", "step_size_up", "warmup_steps", "num_warmup_steps", "warmup_iters")
+
+
+@dataclass
+class OptimizerSpec:
+    label: str
+    name: str  # the optimizer's class name
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    groups: list[dict[str, Any]] = field(default_factory=list)  # optimizer.groups of the config, for every spec
+
+    def config(self) -> OptimizerConfig:
+        return optimizer_config(self.name, {**self.kwargs, "groups": self.groups}, f"optimizer spec '{self.label}'")
 
 
 def optimizer_classes() -> dict[str, type[torch.optim.Optimizer]]:

@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from optcli.compare.runners import OptimizerSpec
 from optcli.config import Config
 from optcli.engine.build import seed_torch
 from optcli.engine.dynamics import Dynamics
@@ -42,6 +41,7 @@ from optcli.engine.loop import (
 )
 from optcli.engine.model import MLP, build_model, dropout_mask
 from optcli.engine.optimizers import (
+    OptimizerSpec,
     build_optimizer,
     build_scheduler,
     current_lr,
