@@ -99,12 +99,21 @@ class DataConfig(Section):
     y_key: str = "y"  # file, NPZ: the targets' array
     task: str | None = None  # file: classification or regression; None: inferred from the targets' type
 
+    split: str | None = None  # torchvision:EMNIST: byclass, bymerge, balanced, letters, digits or mnist
+    trust_pickle: bool = (
+        False  # torchvision:CIFAR10/100 are pickles, which run code when read: only set for trusted files
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # a user's Dataset factory (pkg.module:factory): its arguments
+    stream: bool | None = None  # a user's Dataset: None streams it when it needs over half the free memory
+    num_workers: int = Field(0, ge=0)  # a streamed Dataset: DataLoader worker processes
+    num_classes: int | None = Field(None, gt=0)  # a user's Dataset with integer targets: None is max(target) + 1
+
     @field_validator("name")
     @classmethod
     def _registered(cls, name: str) -> str:
-        from optcli.tasks.registry import task_hint, task_names
+        from optcli.tasks.registry import is_task, task_hint
 
-        if name not in task_names():
+        if not is_task(name):
             raise ValueError(f"no such task ({task_hint(name)})")
         return name
 

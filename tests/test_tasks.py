@@ -86,7 +86,11 @@ def test_an_unknown_task_is_one_line_with_a_suggestion(tmp_path):
     assert_user_error(
         cli("train", "--set", "data.name=mnsit"), "data.name: no such task (did you mean 'mnist'?)", tmp_path
     )
-    assert_user_error(cli("train", "--set", "data.name=zzz"), "tasks: file, function, mnist, regression", tmp_path)
+    assert_user_error(
+        cli("train", "--set", "data.name=zzz"),
+        "tasks: file, function, mnist, pkg.module:factory, regression, torchvision:<set>",
+        tmp_path,
+    )
 
 
 def test_no_module_outside_tasks_spells_a_task_name(repo_root):

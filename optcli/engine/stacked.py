@@ -89,6 +89,8 @@ def stacking_refusal(cfg: Config, spec: OptimizerSpec, device: torch.device) -> 
     own_model = get_task(cfg.data).own_model_note
     if own_model is not None:
         return own_model
+    if get_task(cfg.data).may_stream():
+        return f"data.name {cfg.data.name} may be streamed from its Dataset (data.stream=false holds it in memory)"
     if cfg.model.is_user_model:
         return f"model.name {cfg.model.name} is a user's model; only the built-in MLP is stacked"
     if cls not in elementwise_optimizers():

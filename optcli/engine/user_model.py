@@ -8,6 +8,7 @@ process that builds the model: worker processes and torchrun ranks import it as 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import sys
@@ -74,7 +75,14 @@ def build_user_model(cfg: ModelConfig, task: Task, in_features: int, out_feature
         raise UserError(f"model.name: {cfg.name}({', '.join(kwargs)}) raised {_first_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"model.name: {cfg.name} returned a {type(model).__name__}, not a torch.nn.Module")
+    if "input_shape" in kwargs and len(task.input_shape) > 1:
+        # the data are rows (as the MLP takes them); a model that asked for the image shape gets images
+        model.register_forward_pre_hook(functools.partial(_reshape_input, shape=tuple(task.input_shape)))
     return model
+
+
+def _reshape_input(module: nn.Module, args: tuple[Any, ...], *, shape: tuple[int, ...]) -> tuple[Any, ...]:
+    return (args[0].reshape(-1, *shape), *args[1:])
 
 
 def check_user_model(cfg: ModelConfig, task: Task) -> None:

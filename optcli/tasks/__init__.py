@@ -25,6 +25,18 @@ class Split:
     def __len__(self) -> int:
         return self.x.shape[0]
 
+    def take(self, key: slice | torch.Tensor) -> Split:
+        """The samples at `key` (a slice or indices); a streamed split (tasks/stream.py) keeps them unread."""
+        return Split(self.x[key], self.y[key])
+
+    def to(self, device: torch.device) -> Split:
+        return Split(self.x.to(device), self.y.to(device))
+
+    def batches(self, batch_size: int, perm: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self), batch_size):
+            idx = perm[start : start + batch_size]  # index_select: 2-4x faster than x[idx] on CPU, the same values
+            yield self.x.index_select(0, idx), self.y.index_select(0, idx)
+
 
 @dataclass
 class Data:
@@ -38,14 +50,10 @@ class Data:
     def to(self, device: torch.device) -> Data:
         return replace(
             self,
-            train=Split(self.train.x.to(device), self.train.y.to(device)),
-            val=_move(self.val, device),
-            test=_move(self.test, device),
+            train=self.train.to(device),
+            val=self.val.to(device) if self.val is not None else None,
+            test=self.test.to(device) if self.test is not None else None,
         )
-
-
-def _move(split: Split | None, device: torch.device) -> Split | None:
-    return Split(split.x.to(device), split.y.to(device)) if split is not None else None
 
 
 def load_data(cfg: DataConfig, device: torch.device) -> Data:
@@ -67,10 +75,10 @@ def split_validation(split: Split, fraction: float, seed: int, *, how: str = "ra
         raise UserError(f"data.val_fraction: {fraction} leaves no training samples out of {len(split)}")
     if how == "last":
         cut = len(split) - n_val
-        return Split(split.x[:cut], split.y[:cut]), Split(split.x[cut:], split.y[cut:])
+        return split.take(slice(None, cut)), split.take(slice(cut, None))
     perm = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = perm[:n_val], perm[n_val:]
-    return Split(split.x[train_idx], split.y[train_idx]), Split(split.x[val_idx], split.y[val_idx])
+    return split.take(train_idx), split.take(val_idx)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
@@ -81,9 +89,8 @@ def epoch_permutation(n: int, seed: int, epoch: int, device: torch.device) -> to
 
 
 def batches(split: Split, batch_size: int, perm: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for start in range(0, len(split), batch_size):
-        idx = perm[start : start + batch_size]  # index_select: 2-4x faster than x[idx] on CPU, the same values
-        yield split.x.index_select(0, idx), split.y.index_select(0, idx)
+    """The epoch's batches in the order of `perm`: slices of the tensors, or read by a DataLoader when streamed."""
+    return split.batches(batch_size, perm)
 
 
 def task_shape(cfg: DataConfig) -> tuple[int, int]:

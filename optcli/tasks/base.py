@@ -75,6 +75,11 @@ class Task:
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
 
+    @classmethod
+    def claims(cls, name: str) -> bool:
+        """Whether data.name=`name`, besides the registered name, selects this task (torchvision:<set>, ...)."""
+        return False
+
     @property
     def kind(self) -> Kind:
         return self.KIND
@@ -132,6 +137,10 @@ class Task:
     def description(self) -> str:
         return self.name
 
+    def may_stream(self) -> bool:
+        """Whether its training split may be read batch by batch from a Dataset rather than held as tensors."""
+        return False
+
     @property
     def input_shape(self) -> tuple[int, ...]:
         return (self.shapes()[0],)
@@ -173,7 +182,7 @@ class Task:
     def example_batch(self, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
         """Zeros shaped as `n` samples of this task's inputs and targets, to check a model and a loss on."""
         n_in, n_out = self.shapes()
-        x = torch.zeros(n, *self.input_shape)
+        x = torch.zeros(n, n_in)  # inputs are rows; a model that asks for input_shape sees them reshaped
         y = torch.zeros(n, dtype=torch.long) if self.kind is Kind.CLASSIFICATION else torch.zeros(n, n_out)
         return x, y
 

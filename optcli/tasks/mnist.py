@@ -1,4 +1,5 @@
-"""MNIST through torchvision's own reader, as one tensor of flattened, normalized images per split."""
+"""MNIST and torchvision's other IDX-format image sets (FashionMNIST, KMNIST, EMNIST, QMNIST) through torchvision's
+own readers, as one tensor of flattened, normalized images per split."""
 
 from __future__ import annotations
 
@@ -25,39 +26,70 @@ def scale_pixels(x: torch.Tensor, normalize: str) -> torch.Tensor:
     return x.sub_(MNIST_MEAN).div_(MNIST_STD) if normalize == "standardize" else x
 
 
-def load_mnist(cfg: DataConfig) -> tuple[Split, Split]:
-    from torchvision.datasets import MNIST
+def idx_files(name: str, *, train: bool, split: str | None = None) -> tuple[str, str]:
+    """(images, labels) file names torchvision reads from <root>/<name>/raw for one split of the set `name`."""
+    if name == "EMNIST":
+        prefix = f"emnist-{split}-{'train' if train else 'test'}"
+        return f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+    if name == "QMNIST":
+        prefix = f"qmnist-{'train' if train else 'test'}"
+        return f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx2-int"
+    prefix = "train" if train else "t10k"
+    return f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
 
-    raw = Path(cfg.root) / "MNIST" / "raw"
+
+def _open(name: str, cfg: DataConfig, *, train: bool, split: str | None) -> object:
+    import torchvision.datasets
+
+    extra = {"split": split} if name == "EMNIST" else {}
+    return getattr(torchvision.datasets, name)(cfg.root, train=train, download=cfg.download, **extra)
+
+
+def _read(name: str, cfg: DataConfig, *, train: bool, split: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) of one split, or one line saying which files are missing or corrupt."""
+    raw = Path(cfg.root) / name / "raw"
+    try:
+        ds = _open(name, cfg, train=train, split=split)
+    except Exception as exc:  # torchvision raises RuntimeError, AssertionError, ValueError, URLError, ...
+        every = [f for t in (True, False) for f in idx_files(name, train=t, split=split)]
+        missing = [f for f in every if not (raw / f).exists()]
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        if missing and not cfg.download:
+            raise UserError(
+                f"data: {name} not found in {raw} (missing {', '.join(missing)}); set data.download=true "
+                f"to fetch it, or data.root to a folder holding {name}/raw/"
+            ) from None
+        if missing:
+            raise UserError(
+                f"data: could not download {name} into {raw} ({detail}); put the {len(every)} IDX files "
+                f"there by hand and set data.download=false"
+            ) from None
+        raise UserError(f"data: the {name} files in {raw} are corrupt or truncated ({detail})") from None
+    labels = ds.targets  # type: ignore[attr-defined]
+    if name == "QMNIST" and labels.dim() == 2:  # 8 columns per image: the class first (torchvision's compat=True)
+        labels = labels[:, 0]
+    return ds.data, labels  # type: ignore[attr-defined]
+
+
+def load_idx_set(cfg: DataConfig, name: str, *, classes: int, split: str | None = None) -> tuple[Split, Split]:
+    """The training and test splits of the IDX image set `name` under data.root, flattened and scaled."""
+    raw = Path(cfg.root) / name / "raw"
     splits = []
     for train in (True, False):
-        try:
-            ds = MNIST(cfg.root, train=train, download=cfg.download)
-        except Exception as exc:  # torchvision raises RuntimeError, AssertionError, ValueError, URLError, ...
-            missing = [f for f in MNIST_FILES if not (raw / f).exists()]
-            detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            if missing and not cfg.download:
-                raise UserError(
-                    f"data: MNIST not found in {raw} (missing {', '.join(missing)}); set data.download=true "
-                    f"to fetch it, or data.root to a folder holding MNIST/raw/"
-                ) from None
-            if missing:
-                raise UserError(
-                    f"data: could not download MNIST into {raw} ({detail}); put the four IDX files "
-                    f"there by hand and set data.download=false"
-                ) from None
-            raise UserError(f"data: the MNIST files in {raw} are corrupt or truncated ({detail})") from None
-        images, labels = ds.data, ds.targets
-        which = "train" if train else "t10k"
+        images, labels = _read(name, cfg, train=train, split=split)
+        image_file, label_file = idx_files(name, train=train, split=split)
         if images.dim() != 3 or images.shape[1:] != (28, 28) or images.dtype != torch.uint8:
-            raise UserError(
-                f"data: {raw}/{which}-images-idx3-ubyte is not 28x28 uint8 images (shape {tuple(images.shape)})"
-            )
-        if labels.shape != (images.shape[0],) or labels.min() < 0 or labels.max() > 9:
-            raise UserError(f"data: {raw}/{which}-labels-idx1-ubyte does not hold one digit 0-9 per image")
+            raise UserError(f"data: {raw}/{image_file} is not 28x28 uint8 images (shape {tuple(images.shape)})")
+        if labels.shape != (images.shape[0],) or labels.min() < 0 or labels.max() >= classes:
+            what = "one digit 0-9" if classes == 10 else f"one class 0-{classes - 1}"
+            raise UserError(f"data: {raw}/{label_file} does not hold {what} per image")
         x = scale_pixels(images.reshape(len(images), -1).float(), cfg.normalize)
         splits.append(Split(x, labels.long()))
     return splits[0], splits[1]
+
+
+def load_mnist(cfg: DataConfig) -> tuple[Split, Split]:
+    return load_idx_set(cfg, "MNIST", classes=10)
 
 
 @register

@@ -16,6 +16,7 @@ T = TypeVar("T", bound="type[Task]")
 
 DEFAULT_TASK = "regression"  # the built-in default: runs anywhere, offline, in seconds, and its answers mean something
 _TASKS: dict[str, type[Task]] = {}
+_CLAIMED: dict[str, type[Task]] = {}  # names a task claims by pattern (torchvision:<set>, pkg.module:factory)
 _discovered = False
 
 
@@ -51,13 +52,31 @@ def task_hint(name: str) -> str:
     return f"did you mean {hint[0]!r}?" if hint else f"tasks: {', '.join(names)}"
 
 
+def _claimed(name: str) -> type[Task] | None:
+    """The task class for a name one registered task claims (Task.claims), as its subclass of that name."""
+    if name not in _CLAIMED:
+        owner = next((cls for cls in _TASKS.values() if cls.claims(name)), None)
+        if owner is None:
+            return None
+        _CLAIMED[name] = type(owner.__name__, (owner,), {"name": name, "__module__": owner.__module__})
+    return _CLAIMED[name]
+
+
+def is_task(name: str) -> bool:
+    _discover()
+    return name in _TASKS or _claimed(name) is not None
+
+
 def task_class(name: str) -> type[Task]:
     _discover()
-    if name not in _TASKS:
+    if name in _TASKS:
+        return _TASKS[name]
+    claimed = _claimed(name)
+    if claimed is None:
         from optcli.errors import UserError
 
         raise UserError(f"data.name: unknown task '{name}' ({task_hint(name)})")
-    return _TASKS[name]
+    return claimed
 
 
 def get_task(cfg: DataConfig) -> Task:

@@ -1,0 +1,110 @@
+"""A split of a user's Dataset read batch by batch through a DataLoader, for data that does not fit in memory.
+
+Its targets are held (one pass reads them, to learn the kind and the classes); its inputs are loaded on demand.
+The batch order is the in-memory path's: the epoch's permutation (a function of seed and epoch) cut into batches,
+handed to the DataLoader as its batch sampler, so every optimizer of a seed sees the same batches in the same
+order, and the same batches as the in-memory path, whatever data.num_workers is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, cast
+
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from optcli.tasks import Split
+
+LOAD_BATCH = 256  # samples per DataLoader batch when inputs are loaded outside training (evaluation, inspection)
+
+
+def collate_rows(samples: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs as float32 rows, targets as int64 classes or float32 rows) of a list of (input, target) samples."""
+    x, y = default_collate(samples)
+    x = torch.as_tensor(x).reshape(len(samples), -1).float()
+    y = torch.as_tensor(y)
+    y = y.long() if not y.is_floating_point() else y.reshape(len(samples), -1).float()
+    return x, y
+
+
+class StreamInputs:
+    """The inputs of a StreamSplit, indexed like a tensor (a slice or indices), each read loading those samples."""
+
+    def __init__(self, split: StreamSplit):
+        self._split = split
+
+    @property
+    def device(self) -> torch.device:
+        return self._split.device
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self._split), self._split.n_in))
+
+    def __len__(self) -> int:
+        return len(self._split)
+
+    def __getitem__(self, key: slice | torch.Tensor) -> torch.Tensor:
+        idx = torch.arange(len(self._split))[key] if isinstance(key, slice) else key.cpu()
+        chunks = [x for x, _ in self._split.load(list(idx.split(LOAD_BATCH)))]
+        return torch.cat(chunks) if chunks else torch.empty(0, self._split.n_in, device=self.device)
+
+
+class StreamSplit(Split):
+    """Samples `indices` of `dataset`, with their targets `y` (held); inputs of `n_in` values loaded on demand."""
+
+    def __init__(
+        self, dataset: Dataset, indices: torch.Tensor, y: torch.Tensor, *, n_in: int, num_workers: int
+    ) -> None:
+        self.dataset, self.indices, self.n_in, self.num_workers = dataset, indices, n_in, num_workers
+        super().__init__(cast(torch.Tensor, StreamInputs(self)), y)
+
+    @property
+    def device(self) -> torch.device:
+        return self.y.device
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def take(self, key: slice | torch.Tensor) -> StreamSplit:
+        return StreamSplit(self.dataset, self.indices[key], self.y[key], n_in=self.n_in, num_workers=self.num_workers)
+
+    def to(self, device: torch.device) -> StreamSplit:
+        return StreamSplit(self.dataset, self.indices, self.y.to(device), n_in=self.n_in, num_workers=self.num_workers)
+
+    def load(self, groups: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of samples at positions `groups` (of this split), on the split's device."""
+        if not groups:
+            return
+        sampler = [self.indices[g].tolist() for g in groups]
+        cuda = self.device.type == "cuda"
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate_rows,
+            pin_memory=cuda,
+        )
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=cuda), y.to(self.device, non_blocking=cuda)
+
+    def batches(self, batch_size: int, perm: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.load(list(perm.cpu().split(batch_size)))
+
+
+def read_all(
+    dataset: Dataset, n: int, *, keep_inputs: bool, num_workers: int, on_error: Callable[[Exception], Exception]
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(inputs or None, targets) of every sample, in order, in one pass; `on_error` turns what the dataset
+    raised into the error to raise."""
+    loader = DataLoader(dataset, batch_size=LOAD_BATCH, shuffle=False, num_workers=num_workers, collate_fn=collate_rows)
+    xs, ys = [], []
+    try:
+        for x, y in loader:
+            ys.append(y)
+            if keep_inputs:
+                xs.append(x)
+    except Exception as exc:  # the user's __getitem__ or samples default_collate cannot batch
+        raise on_error(exc) from None
+    return (torch.cat(xs) if keep_inputs else None), torch.cat(ys)
