@@ -16,7 +16,9 @@ It also reports the speed-up of `compare --jobs 2` over the serial run (no targe
   6. that regression comparison's wall time serial, with --jobs 2, and with --backend ray on a local 2-CPU Ray;
   7. what `optcli train` on the default task costs before it trains: python, import torch, torch._dynamo;
   8. what a user waits for: the first MNIST epoch against the median of the later ones, and the wall time of
-     `optcli train` (MNIST) and `optcli compare` (default task) split into imports, data, training and writing.
+     `optcli train` (MNIST) and `optcli compare` (default task) split into imports, data, training and writing;
+  9. a user's Dataset (MNIST through one __getitem__ per sample) held in memory against streamed through a
+     DataLoader with num_workers 0 and 2: the loading pass and one epoch each (--only stream).
 The epoch section runs once per instruction set the CPU has (AVX2; AVX-512 too where present, by
 ATEN_CPU_CAPABILITY and MKL_ENABLE_INSTRUCTIONS in a child process).
 
@@ -614,6 +616,33 @@ def memory_section(data_root: str, out_dir: str) -> None:
     shutil.rmtree(ROOT / out_dir, ignore_errors=True)
 
 
+def stream_section(data_root: str) -> None:
+    """Issue 23: a user's Dataset (MNIST one sample per __getitem__, benchmarks/mnist_dataset.py) held in memory as
+    tensors against streamed through a DataLoader with num_workers 0 and 2: the one pass that loads it, then one
+    training epoch (after a warm-up) of the same batches, hidden [128], batch 128, Adam. On one torch thread: on a
+    2-core machine shared with other jobs, two threads contending with them made every step many times slower."""
+    print("\nstreamed Dataset against in memory (MNIST through a Dataset, hidden [128], batch 128, 1 epoch each,")
+    print("1 torch thread)")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    base = ["data.name=mnist_dataset:make_dataset", f"data.path={ROOT / 'benchmarks'}", "model.hidden=[128]"]
+    base.append(f"data.kwargs={{root: {data_root}}}")
+    timed = {}
+    for label, extra in (
+        ("in memory", ["data.stream=false"]),
+        ("streamed, num_workers 0", ["data.stream=true", "data.num_workers=0"]),
+        ("streamed, num_workers 2", ["data.stream=true", "data.num_workers=2"]),
+    ):
+        t0 = time.perf_counter()
+        cfg = optcli_config(data_root, *base, *extra)  # validating it asks the task its kind: one pass over the data
+        load = time.perf_counter() - t0
+        with torch_settings(cfg):
+            timed[label] = statistics.median(_time_epochs(cfg, 1))
+        ratio = timed[label] / timed["in memory"]
+        print(f"  {label:<24} load {load:6.2f} s   epoch {timed[label]:6.2f} s   {ratio:5.2f}x the in-memory epoch")
+    torch.set_num_threads(threads)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"), help="folder holding MNIST/raw")
@@ -625,7 +654,18 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="also time train.compile=true")
     parser.add_argument(
         "--only",
-        choices=["epoch", "precision", "cli", "compare", "memory", "vectorize", "backends", "startup", "wait"],
+        choices=[
+            "epoch",
+            "precision",
+            "cli",
+            "compare",
+            "memory",
+            "vectorize",
+            "backends",
+            "startup",
+            "wait",
+            "stream",
+        ],
         action="append",
         help="run only these sections (repeatable); all by default",
     )
@@ -657,6 +697,8 @@ def main() -> int:
         wait_section(data_root, args, out_dir)
     if run("memory"):
         memory_section(data_root, out_dir)
+    if run("stream"):
+        stream_section(data_root)
     missed = [r for r in results if not r[3]]
     print(
         f"\n{len(results) - len(missed)} of {len(results)} targets met"

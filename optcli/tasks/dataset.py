@@ -99,13 +99,18 @@ def _first_sample(name: str, dataset: Any) -> tuple[tuple[int, ...], int]:
     return tuple(torch.as_tensor(sample[0]).shape) or (1,), x.shape[1]
 
 
+@functools.lru_cache(maxsize=4)
+def _sample_shape(name: str, path: str | None, kwargs_json: str) -> tuple[tuple[int, ...], int]:
+    return _first_sample(name, _made(name, path, kwargs_json)[0])
+
+
 @functools.lru_cache(maxsize=2)
 def _read_splits(
     name: str, path: str | None, kwargs_json: str, stream: bool | None, workers: int
 ) -> tuple[Split, Split | None]:
     """(train, test or None) of the user's datasets, in memory or streamed, read once per process per config."""
     train_ds, test_ds = _made(name, path, kwargs_json)
-    _, n_in = _first_sample(name, train_ds)
+    _, n_in = _sample_shape(name, path, kwargs_json)
     n = len(train_ds) + (len(test_ds) if test_ds is not None else 0)
     if stream is None:
         stream = n * (n_in + 2) * 4 > free_memory() / 2  # inputs and targets as 4-byte values
@@ -146,8 +151,7 @@ class UserDataset(Task):
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        train_ds, _ = _made(self.cfg.name, self.cfg.path, json.dumps(self.cfg.kwargs, sort_keys=True, default=str))
-        return _first_sample(self.name, train_ds)[0]
+        return _sample_shape(self.cfg.name, self.cfg.path, json.dumps(self.cfg.kwargs, sort_keys=True, default=str))[0]
 
     def may_stream(self) -> bool:
         return self.cfg.stream is not False

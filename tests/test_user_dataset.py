@@ -1,0 +1,195 @@
+"""A user's map-style Dataset by import path (data.name: module:factory): in memory or streamed through a
+DataLoader with the same batches, the same batches for every optimizer of a seed, and one line for bad datasets."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from optcli.config import DataConfig
+from optcli.tasks import batches, epoch_permutation, load_data
+from optcli.tasks.stream import StreamSplit
+from tests.conftest import assert_user_error, cli
+
+CPU = torch.device("cpu")
+
+DATASETS_PY = '''
+import os
+
+import torch
+from torch.utils.data import Dataset
+
+
+class Blobs(Dataset):
+    """Class k: a Gaussian blob around a centre of its own; `log` appends each index read to a file."""
+
+    def __init__(self, n, seed, classes=3, log=None, regression=False):
+        g = torch.Generator().manual_seed(seed)
+        self.y = torch.randint(classes, (n,), generator=g)
+        self.x = torch.randn(n, 2, 3, generator=g) * 0.3 + self.y.view(-1, 1, 1).float()
+        self.log, self.regression = log, regression
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        if self.log:
+            with open(self.log, "a") as f:
+                f.write(f"{i}\\n")
+        target = float(self.y[i]) * 0.5 if self.regression else int(self.y[i])
+        return self.x[i], target
+
+
+def pair(n=120, log=None, regression=False):
+    return Blobs(n, 0, log=log, regression=regression), Blobs(40, 1, regression=regression)
+
+
+def single(n=100):
+    return Blobs(n, 0)
+
+
+def raises(n=10):
+    raise ValueError("no such folder")
+
+
+def not_a_dataset():
+    return 42
+
+
+class NotPairs(Blobs):
+    def __getitem__(self, i):
+        return self.x[i]
+
+
+class Strings(Blobs):
+    def __getitem__(self, i):
+        return "a picture", 1
+
+
+class BadAt7(Blobs):
+    def __getitem__(self, i):
+        if i == 7:
+            raise OSError("cannot read image 7")
+        return super().__getitem__(i)
+
+
+def not_pairs():
+    return NotPairs(20, 0)
+
+
+def strings():
+    return Strings(20, 0)
+
+
+def bad_at_7():
+    return BadAt7(20, 0)
+'''
+
+
+@pytest.fixture(autouse=True)
+def user_module(tmp_path):
+    folder = tmp_path / "userdata"
+    folder.mkdir()
+    (folder / "userdatasets.py").write_text(DATASETS_PY)
+    yield folder
+    sys.modules.pop("userdatasets", None)
+    if str(folder) in sys.path:
+        sys.path.remove(str(folder))
+
+
+def data_cfg(folder: Path, factory: str, **kw) -> DataConfig:
+    return DataConfig(name=f"userdatasets:{factory}", path=str(folder), **kw)
+
+
+def args(folder: Path, factory: str = "pair", *extra: str) -> list[str]:
+    return [
+        *("--set", f"data.name=userdatasets:{factory}", "--set", f"data.path={folder}"),
+        *("--set", "train.epochs=2", "--set", "data.batch_size=16", "--set", "model.hidden=[8]"),
+        *extra,
+    ]
+
+
+def test_kind_and_shapes_come_from_the_samples(user_module):
+    data = load_data(data_cfg(user_module, "pair", val_fraction=0.25), CPU)
+    assert (data.task, data.in_features, data.out_features) == ("classification", 6, 3)
+    assert (len(data.train), len(data.val), len(data.test)) == (90, 30, 40)
+    reg = load_data(data_cfg(user_module, "pair", kwargs={"regression": True}), CPU)
+    assert (reg.task, reg.out_features, reg.train.y.dtype) == ("regression", 1, torch.float32)
+    wide = load_data(data_cfg(user_module, "single", num_classes=5, val_fraction=0.0), CPU)
+    assert (wide.out_features, wide.test, len(wide.train)) == (5, None, 100)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streamed_batches_equal_the_in_memory_ones(user_module, workers):
+    held = load_data(data_cfg(user_module, "pair", stream=False), CPU)
+    streamed = load_data(data_cfg(user_module, "pair", stream=True, num_workers=workers), CPU)
+    assert isinstance(streamed.train, StreamSplit) and not isinstance(held.train, StreamSplit)
+    perm = epoch_permutation(len(held.train), 3, 2, CPU)
+    pairs = list(zip(batches(held.train, 16, perm), batches(streamed.train, 16, perm), strict=True))
+    assert len(pairs) == 6
+    for (x1, y1), (x2, y2) in pairs:
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert torch.equal(streamed.val.x[:], held.val.x)
+
+
+def read_column(path: Path, column: str) -> list[str]:
+    with path.open() as f:
+        return [row[column] for row in csv.DictReader(f)]
+
+
+def test_streamed_training_is_the_in_memory_training(user_module, tmp_path):
+    runs = {}
+    for stream in ("false", "true"):
+        result = cli("train", *args(user_module), "--set", f"data.stream={stream}", "--set", "name=s" + stream)
+        assert result.exit_code == 0, result.output
+        runs[stream] = next((tmp_path / "runs").glob(f"s{stream}*"))
+    assert "(streamed)" in json.loads((runs["true"] / "summary.json").read_text())["task"]["description"]
+    for column in ("train_loss", "val_loss", "val_accuracy"):
+        assert read_column(runs["true"] / "metrics.csv", column) == read_column(runs["false"] / "metrics.csv", column)
+
+
+def test_every_optimizer_of_a_seed_reads_the_same_batches(user_module, tmp_path):
+    log = tmp_path / "reads.txt"
+    extra = ["--set", "data.stream=true", "--set", f"data.kwargs={{n: 120, log: {log}}}", "--seeds", "1"]
+    result = cli("compare", "sgd", "adam", *args(user_module, "pair", *extra))
+    assert result.exit_code == 0, result.output
+    reads = log.read_text().split()
+    first_pass = 1 + 120  # sample 0 for the shapes, then every sample once, in order, when the data are loaded
+    assert reads[:first_pass] == ["0"] + [str(i) for i in range(120)]
+    trials = reads[first_pass:]
+    assert len(trials) == 2 * 2 * 120  # two optimizers, two epochs of 96 training + 24 validation samples
+    sgd, adam = trials[: len(trials) // 2], trials[len(trials) // 2 :]
+    assert sgd == adam and sgd[:96] != sorted(sgd[:96], key=int)  # shuffled, and alike
+
+
+@pytest.mark.parametrize(
+    ("factory", "fragment"),
+    [
+        ("raises", "data.name: userdatasets:raises(n) raised ValueError: no such folder"),
+        ("not_a_dataset", "data.name: userdatasets:not_a_dataset returned a int, not a non-empty Dataset"),
+        ("not_pairs", "data.name: userdatasets:not_pairs: sample 0 is a Tensor, not an (input, target) pair"),
+        ("strings", "data.name: userdatasets:strings: sample 0 is not (numbers, number)"),
+        ("bad_at_7", "data.name: userdatasets:bad_at_7: reading its samples raised OSError: cannot read image 7"),
+        ("nowhere", "data.name: userdatasets has no nowhere"),
+    ],
+)
+def test_a_bad_dataset_is_one_line_naming_data_name(user_module, tmp_path, factory, fragment):
+    extra = ["--set", "data.kwargs={n: 10}"] if factory == "raises" else []
+    assert_user_error(cli("train", *args(user_module, factory, *extra)), fragment, tmp_path)
+
+
+def test_resume_continues_a_streamed_run_exactly(user_module, tmp_path):
+    full = cli("train", *args(user_module, "pair", "--set", "data.stream=true", "--set", "name=full"))
+    assert full.exit_code == 0, full.output
+    half = cli("train", *args(user_module, "pair", "--set", "data.stream=true", "--set", "name=half"), "--epochs", "1")
+    assert half.exit_code == 0, half.output
+    half_dir = next((tmp_path / "runs").glob("half*"))
+    resumed = cli("train", "--resume", str(half_dir), "--epochs", "2")
+    assert resumed.exit_code == 0, resumed.output
+    full_dir = next((tmp_path / "runs").glob("full*"))
+    assert read_column(half_dir / "metrics.csv", "val_loss") == read_column(full_dir / "metrics.csv", "val_loss")
