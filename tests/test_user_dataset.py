@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -193,3 +197,51 @@ def test_resume_continues_a_streamed_run_exactly(user_module, tmp_path):
     assert resumed.exit_code == 0, resumed.output
     full_dir = next((tmp_path / "runs").glob("full*"))
     assert read_column(half_dir / "metrics.csv", "val_loss") == read_column(full_dir / "metrics.csv", "val_loss")
+
+
+def children(pid: int) -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        found |= {int(p) for p in (task / "children").read_text().split()}
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_streamed_run_and_its_loader_workers(user_module, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "100"}
+    extra = ["--set", "data.stream=true", "--set", "data.num_workers=2", "--set", "data.kwargs={n: 20000}"]
+    command = [sys.executable, "-m", "optcli", "train", *args(user_module, "pair", *extra)]
+    command += ["--set", "train.epochs=100000", "--set", "name=r"]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = tmp_path / "runs" / "r"
+    deadline = time.monotonic() + 120
+    while not (run_dir / "last.pt").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "no epoch completed"
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside the next epoch, its DataLoader workers running
+    workers = children(proc.pid)
+    assert len(workers) >= 2
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert "interrupted by SIGTERM" in out and "Traceback" not in out, out
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    time.sleep(1.0)
+    assert not [w for w in workers if Path(f"/proc/{w}").exists()], "DataLoader workers outlived the run"
+
+
+@pytest.mark.slow
+def test_jobs_run_the_streamed_path_to_the_in_memory_results(user_module, tmp_path):
+    summaries = {}
+    for name, extra in (
+        ("held", ["--set", "data.stream=false"]),
+        ("jobs", ["--set", "data.stream=true", "--set", "data.num_workers=1", "--jobs", "2"]),
+    ):
+        result = cli("compare", "sgd", "adam", *args(user_module, "pair", *extra), "--seeds", "1", "--json")
+        assert result.exit_code == 0, result.output
+        summaries[name] = json.loads(result.stdout)
+
+    def scores(summary: dict) -> dict:
+        return {r["label"]: {k: v for k, v in r.items() if "loss" in k or "accuracy" in k} for r in summary["rows"]}
+
+    assert scores(summaries["held"])["adam"]["best_val_loss"] > 0
+    assert scores(summaries["jobs"]) == scores(summaries["held"])

@@ -8,9 +8,11 @@ order, and the same batches as the in-memory path, whatever data.num_workers is.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
@@ -26,6 +28,29 @@ def collate_rows(samples: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
     y = torch.as_tensor(y)
     y = y.long() if not y.is_floating_point() else y.reshape(len(samples), -1).float()
     return x, y
+
+
+def _collate_arrays(samples: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """collate_rows as NumPy arrays: a worker sends them by value through its queue, not as shared-memory tensors
+    whose file descriptors a helper thread hands over, and which print a traceback when the run stops mid-batch."""
+    x, y = collate_rows(samples)
+    return x.numpy(), y.numpy()
+
+
+def _quiet_worker(worker_id: int) -> None:
+    """A loader worker leaves stopping to the run: it ignores the stop signals that reach the whole process group
+    (the terminal's Ctrl-C, SIGHUP), and the run's DataLoader ends it when the run stops."""
+    for s in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def loader(dataset: Dataset, num_workers: int, **kwargs: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches of a DataLoader over `dataset` (batch_sampler or batch_size in `kwargs`) as tensors."""
+    init = _quiet_worker if num_workers > 0 else None
+    data = DataLoader(dataset, num_workers=num_workers, collate_fn=_collate_arrays, worker_init_fn=init, **kwargs)
+    for x, y in data:
+        yield torch.from_numpy(x), torch.from_numpy(y)
 
 
 class StreamInputs:
@@ -78,16 +103,8 @@ class StreamSplit(Split):
         if not groups:
             return
         sampler = [self.indices[g].tolist() for g in groups]
-        cuda = self.device.type == "cuda"
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=collate_rows,
-            pin_memory=cuda,
-        )
-        for x, y in loader:
-            yield x.to(self.device, non_blocking=cuda), y.to(self.device, non_blocking=cuda)
+        for x, y in loader(self.dataset, self.num_workers, batch_sampler=sampler):
+            yield x.to(self.device), y.to(self.device)
 
     def batches(self, batch_size: int, perm: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.load(list(perm.cpu().split(batch_size)))
