@@ -9,11 +9,8 @@ process that builds the model: worker processes and torchrun ranks import it as 
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,32 +19,12 @@ from torch import nn
 from optcli.config import ModelConfig
 from optcli.errors import UserError
 from optcli.tasks.base import Task
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+from optcli.tasks.user_code import first_line, import_callable
 
 
 def import_factory(cfg: ModelConfig) -> Callable[..., Any]:
     """The object model.name names, imported (after putting model.path on sys.path), or one line naming the key."""
-    if cfg.path is not None:
-        if not Path(cfg.path).is_dir():
-            raise UserError(f"model.path: {cfg.path} is not a folder")
-        if cfg.path not in sys.path:
-            sys.path.insert(0, cfg.path)
-    module_name, _, attr = cfg.name.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except Exception as exc:  # the user's module may raise anything while it is imported
-        raise UserError(f"model.name: cannot import {module_name} ({_first_line(exc)})") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise UserError(f"model.name: {module_name} has no {attr}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise UserError(f"model.name: {cfg.name} is a {type(obj).__name__}, not a class or function")
-    return obj
+    return import_callable(cfg.name, cfg.path, key="model.name", path_key="model.path")
 
 
 def _offered(factory: Callable[..., Any], task: Task, in_features: int, out_features: int) -> dict[str, Any]:
@@ -72,7 +49,7 @@ def build_user_model(cfg: ModelConfig, task: Task, in_features: int, out_feature
     try:
         model = factory(**kwargs)
     except Exception as exc:  # the user's code: any error it raises is a problem of the config's model
-        raise UserError(f"model.name: {cfg.name}({', '.join(kwargs)}) raised {_first_line(exc)}") from None
+        raise UserError(f"model.name: {cfg.name}({', '.join(kwargs)}) raised {first_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"model.name: {cfg.name} returned a {type(model).__name__}, not a torch.nn.Module")
     if "input_shape" in kwargs and len(task.input_shape) > 1:
@@ -98,7 +75,7 @@ def check_user_model(cfg: ModelConfig, task: Task) -> None:
                 out = model(x)
         except Exception as exc:  # the user's forward
             raise UserError(
-                f"model.name: {cfg.name} fails on a batch of shape {tuple(x.shape)} ({_first_line(exc)})"
+                f"model.name: {cfg.name} fails on a batch of shape {tuple(x.shape)} ({first_line(exc)})"
             ) from None
     want = (2, n_out)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:

@@ -10,28 +10,22 @@ streamed through a DataLoader otherwise (tasks/stream.py). Importing the module 
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from optcli.config import IMPORT_PATH, DataConfig
+from optcli.config import IMPORT_PATH
 from optcli.errors import UserError
 from optcli.tasks import Split
 from optcli.tasks.base import Kind, Task
 from optcli.tasks.registry import register
 from optcli.tasks.stream import StreamSplit, collate_rows, read_all
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+from optcli.tasks.user_code import first_line, import_callable
 
 
 def free_memory() -> int:
@@ -45,24 +39,6 @@ def free_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _factory(cfg: DataConfig) -> Any:
-    if cfg.path is not None:
-        if not Path(cfg.path).is_dir():
-            raise UserError(f"data.path: {cfg.path} is not a folder (the one holding data.name's module)")
-        if cfg.path not in sys.path:
-            sys.path.insert(0, cfg.path)
-    module_name, _, attr = cfg.name.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except Exception as exc:  # the user's module may raise anything while it is imported
-        raise UserError(f"data.name: cannot import {module_name} ({_first_line(exc)})") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise UserError(f"data.name: {module_name} has no {attr}")
-        obj = getattr(obj, part)
-    return obj
-
-
 def _is_dataset(obj: Any) -> bool:
     return hasattr(obj, "__getitem__") and hasattr(obj, "__len__") and not isinstance(obj, torch.Tensor)
 
@@ -70,12 +46,12 @@ def _is_dataset(obj: Any) -> bool:
 @functools.lru_cache(maxsize=4)
 def _made(name: str, path: str | None, kwargs_json: str) -> tuple[Any, Any | None]:
     """(train, test or None): the factory's datasets, made once per process for the same config."""
-    cfg = DataConfig(name=name, path=path, kwargs=json.loads(kwargs_json))
-    factory = _factory(cfg)
+    factory = import_callable(name, path, key="data.name", path_key="data.path")
+    kwargs = json.loads(kwargs_json)
     try:
-        made = factory(**cfg.kwargs)
+        made = factory(**kwargs)
     except Exception as exc:  # the user's code
-        raise UserError(f"data.name: {name}({', '.join(cfg.kwargs)}) raised {_first_line(exc)}") from None
+        raise UserError(f"data.name: {name}({', '.join(kwargs)}) raised {first_line(exc)}") from None
     pair = made if isinstance(made, tuple | list) and len(made) == 2 else (made, None)
     if not all(d is None or _is_dataset(d) for d in pair) or len(pair[0]) == 0:
         raise UserError(
@@ -89,13 +65,13 @@ def _first_sample(name: str, dataset: Any) -> tuple[tuple[int, ...], int]:
     try:
         sample = dataset[0]
     except Exception as exc:  # the user's __getitem__
-        raise UserError(f"data.name: {name}: reading sample 0 raised {_first_line(exc)}") from None
+        raise UserError(f"data.name: {name}: reading sample 0 raised {first_line(exc)}") from None
     if not isinstance(sample, tuple | list) or len(sample) != 2:
         raise UserError(f"data.name: {name}: sample 0 is a {type(sample).__name__}, not an (input, target) pair")
     try:
         x, _ = collate_rows([sample])
     except Exception as exc:  # inputs or targets that are not numbers
-        raise UserError(f"data.name: {name}: sample 0 is not (numbers, number) ({_first_line(exc)})") from None
+        raise UserError(f"data.name: {name}: sample 0 is not (numbers, number) ({first_line(exc)})") from None
     return tuple(torch.as_tensor(sample[0]).shape) or (1,), x.shape[1]
 
 
@@ -121,7 +97,7 @@ def _read_splits(
 
 def _split(name: str, dataset: Dataset, stream: bool, n_in: int, workers: int) -> Split:
     def error(exc: Exception) -> Exception:
-        return UserError(f"data.name: {name}: reading its samples raised {_first_line(exc)}")
+        return UserError(f"data.name: {name}: reading its samples raised {first_line(exc)}")
 
     n = len(dataset)  # type: ignore[arg-type]
     x, y = read_all(dataset, n, keep_inputs=not stream, num_workers=workers, on_error=error)
