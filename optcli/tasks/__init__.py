@@ -2,7 +2,8 @@
 tensors on the target device; this module holds what they share (Split, Data, the validation split, batching).
 
 Everything is loaded once and batched by index slicing with a seeded permutation per epoch,
-so there is no per-sample Python work in the training loop.
+so there is no per-sample Python work in the training loop; the one exception is a user's Dataset too large for
+memory, whose splits (tasks/stream.py) read the same batches through a DataLoader.
 """
 
 from __future__ import annotations
