@@ -165,7 +165,7 @@ def test_files_summary_matches_table_and_png_is_valid(tmp_path):
 @pytest.mark.parametrize(
     "spec, fragment",
     [
-        ("adamm", "unknown name 'adamm'"),
+        ("adamm", "optimizer spec 'adamm': unknown name 'adamm'"),
         ("sgd:momentun=0.9", "SGD takes no argument 'momentun'"),
         ("sgd:lr=[1,", "cannot parse the value of 'lr'"),
         ("sgd:lr", "expected key=value"),

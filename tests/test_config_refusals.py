@@ -91,7 +91,6 @@ def test_check_seed_names_where_a_made_seed_came_from():
         check_seed(SEED_MAX + 1, "--seeds 2 from seed 4294967295: the last seed")
 
 
-@pytest.mark.xfail(strict=True, reason="compare/ must call check_seed(cfg.seed + seeds - 1, ...) (coordinator)")
 def test_compare_seeds_running_past_numpys_range_are_refused(tmp_path):
     result = cli("compare", "sgd", "--seeds", "2", "--epochs", "1", "--set", f"seed={SEED_MAX}")
     assert_user_error(result, "--seeds 2 from seed 4294967295: the last seed: " + RULE, tmp_path)

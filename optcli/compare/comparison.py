@@ -33,7 +33,7 @@ from optcli.compare.save import save_comparison
 from optcli.compare.stats import Target, parse_target
 from optcli.compare.tuning import Tuned, check_overrides, lr_find_centres, search_space
 from optcli.compare.tuning import tune as run_tuning
-from optcli.config import Config, OptimizerConfig, load_config, optimizer_config, parse_override, to_yaml
+from optcli.config import Config, OptimizerConfig, check_seed, load_config, optimizer_config, parse_override, to_yaml
 from optcli.engine.build import torch_settings
 from optcli.engine.loop import EpochMetrics
 from optcli.engine.optimizers import (
@@ -87,7 +87,9 @@ def parse_specs(texts: list[str], *, shared: OptimizerConfig | None = None) -> l
     if not texts:
         raise UserError("compare: name at least one optimizer, e.g. optcli compare sgd adam")
     parsed = [(text, *parse_spec(text)) for text in texts]
-    classes = {str(i): resolve_optimizer(name) for i, (_, name, _) in enumerate(parsed)}
+    classes = {
+        str(i): resolve_optimizer(name, where=f"optimizer spec '{text}'") for i, (text, name, _) in enumerate(parsed)
+    }
     defaults = shared_settings(shared, classes) if shared is not None else {}
     groups = [g.model_dump() for g in shared.groups] if shared is not None else []
     specs = []
@@ -129,6 +131,7 @@ def prepare(
     goal = check_target(cfg, target) if target is not None else None
     if options.tuning:
         check_tuning(cfg, specs, options, task=task)
+    check_seed(cfg.seed + options.seeds - 1, f"--seeds {options.seeds} from seed {cfg.seed}: the last seed")
     device = preflight(cfg, optimizers={f"optimizer spec '{s.label}'": resolve_optimizer(s.name) for s in specs})
     return Prepared(specs, [cfg.seed + i for i in range(options.seeds)], goal, device)
 
