@@ -31,7 +31,7 @@ from optcli.compare.runners import (
 )
 from optcli.compare.save import save_comparison
 from optcli.compare.stats import Target, parse_target
-from optcli.compare.tuning import Tuned, check_overrides, lr_find_centres, search_space
+from optcli.compare.tuning import Tuned, check_overrides, check_storage, lr_find_centres, search_space
 from optcli.compare.tuning import tune as run_tuning
 from optcli.config import Config, OptimizerConfig, check_seed, load_config, optimizer_config, parse_override, to_yaml
 from optcli.engine.build import torch_settings
@@ -122,29 +122,33 @@ class Prepared:
     device: torch.device
 
 
-def prepare(
-    cfg: Config, spec_texts: list[str], options: CompareOptions, *, target: str | None, task: str | None = None
-) -> Prepared:
-    """Every check of a comparison on one task (`task` names it when there are several): the specs, the target,
-    the tuning spaces, and the preflight every command makes."""
+def prepare(cfg: Config, spec_texts: list[str], options: CompareOptions, *, target: str | None) -> Prepared:
+    """Every check of a comparison on one task: the specs, the seeds, the target, the tuning (its spaces and
+    storage), the preflight every command makes and whether the data is there."""
     specs = parse_specs(spec_texts, shared=cfg.optimizer)
+    check_seed(cfg.seed + options.seeds - 1, f"--seeds {options.seeds} from seed {cfg.seed}: the last seed")
     goal = check_target(cfg, target) if target is not None else None
     if options.tuning:
-        check_tuning(cfg, specs, options, task=task)
-    check_seed(cfg.seed + options.seeds - 1, f"--seeds {options.seeds} from seed {cfg.seed}: the last seed")
+        check_tuning(cfg, specs, options)
     device = preflight(cfg, optimizers={f"optimizer spec '{s.label}'": resolve_optimizer(s.name) for s in specs})
     return Prepared(specs, [cfg.seed + i for i in range(options.seeds)], goal, device)
 
 
-def check_tuning(cfg: Config, specs: list[OptimizerSpec], options: CompareOptions, *, task: str | None) -> None:
-    """Tuning is judged on validation data, over search spaces checked before any training."""
-    if cfg.data.val_fraction == 0:
-        if task is not None:
-            raise UserError(f"task {task}: tuning needs a validation split; set data.val_fraction > 0 in it")
-        raise UserError(f"{options.tune_flag}: needs a validation split; set data.val_fraction > 0")
+def check_tuning(cfg: Config, specs: list[OptimizerSpec], options: CompareOptions) -> None:
+    """Tuning is judged on validation loss, over search spaces and in a storage checked before any training."""
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise UserError(f"{options.tune_flag} needs optcli[tune]: pip install 'optcli[tune]'") from None
+    task = get_task(cfg.data)
+    if "val_loss" not in task.metrics:
+        if cfg.data.val_fraction == 0:
+            raise UserError(f"{options.tune_flag}: needs a validation split; set data.val_fraction > 0")
+        raise UserError(f"{options.tune_flag}: judges trials on val_loss; {lacks_metric(task, 'val_loss')}")
     for spec in specs:  # the whole space or the lr alone
         search_space(spec, overrides=cfg.tuning.spaces, lr_only=not options.tune)
     check_overrides(specs, cfg.tuning.spaces)
+    check_storage(options.tune_storage)
 
 
 def run_comparison(
@@ -317,7 +321,8 @@ def check_target(cfg: Config, text: str) -> Target:
     if target.metric.startswith("val_") and cfg.data.val_fraction == 0:
         raise UserError(f"--target {text}: {target.metric} needs a validation split; set data.val_fraction > 0")
     if target.metric not in task.metrics:
-        raise UserError(f"--target {text}: {lacks_metric(task, target.metric)}; try val_loss")
+        hint = "; try val_loss" if "val_loss" in task.metrics else ""
+        raise UserError(f"--target {text}: {lacks_metric(task, target.metric)}{hint}")
     return target
 
 

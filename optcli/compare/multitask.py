@@ -19,11 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from optcli.compare.comparison import Comparison, prepare, run_comparison, run_prepared
+from optcli.compare.comparison import Comparison, Prepared, prepare, run_comparison, run_prepared
 from optcli.compare.options import CompareOptions
 from optcli.compare.performance_profile import TAUS, curve, profile
 from optcli.compare.runners import TrialCallbacks
 from optcli.config import Config
+from optcli.errors import UserError
 from optcli.rundir.files import create_run_dir, write_json
 
 MEASURE_WHY = {
@@ -98,6 +99,16 @@ def task_names(sources: list[str | None]) -> list[str]:
     return names
 
 
+def prepare_task(
+    cfg: Config, spec_texts: list[str], options: CompareOptions, *, target: str | None, source: str
+) -> Prepared:
+    """One task's checks; a refusal names the config file it came from."""
+    try:
+        return prepare(cfg, spec_texts, options, target=target)
+    except UserError as exc:
+        raise type(exc)(f"{source}: {exc}") from None
+
+
 def run_compare(
     cfgs: list[tuple[str | None, Config]],
     spec_texts: list[str],
@@ -115,8 +126,8 @@ def run_compare(
     names = task_names([source for source, _ in cfgs])
     targets = options.task_targets(len(cfgs))
     prepared = [
-        prepare(cfg, spec_texts, options, target=target, task=name)
-        for name, (_, cfg), target in zip(names, cfgs, targets, strict=True)
+        prepare_task(cfg, spec_texts, options, target=target, source=source or f"task {name}")
+        for name, (source, cfg), target in zip(names, cfgs, targets, strict=True)
     ]
     first = cfgs[0][1]
     parent = create_run_dir(first.out_dir, first.name, prefix="compare-tasks-")

@@ -130,6 +130,8 @@ def search_space(
             continue
         if not (isinstance(bounds, list) and len(bounds) == 2 and all(_number(b) and b > 0 for b in bounds)):
             raise UserError(f"{where}: expected [low, high] with 0 < low < high (a log-uniform range) or null")
+        if not all(math.isfinite(b) for b in bounds):
+            raise UserError(f"{where}: the bounds must be finite numbers (got {bounds})")
         if not bounds[0] < bounds[1]:
             raise UserError(f"{where}: low must be below high (got {bounds})")
         if name.startswith("one_minus_") and bounds[1] > 1:
@@ -167,7 +169,6 @@ def kwargs_at(spec: OptimizerSpec, point: dict[str, float]) -> dict[str, Any]:
 
 def open_storage(url: str | None, run_dir: Path | None):
     """An Optuna storage: a journal file in the run directory by default; a database URL or a journal path."""
-    import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -175,14 +176,55 @@ def open_storage(url: str | None, run_dir: Path | None):
         assert run_dir is not None
         return JournalStorage(JournalFileBackend(str(run_dir / "tuning.journal")))
     if "://" in url:
-        try:
-            return optuna.storages.RDBStorage(url)
-        except (ImportError, ValueError, optuna.exceptions.StorageInternalError) as exc:
-            raise UserError(f"--tune-storage {url}: cannot open the database ({exc})") from None
+        return _open_database(url)
+    check_journal_path(url)
+    return JournalStorage(JournalFileBackend(str(url)))
+
+
+def check_storage(url: str | None) -> None:
+    """--tune-storage, checked before any directory is made: a journal file in an existing folder, or a database
+    URL of a known scheme whose driver is installed and which opens (optuna creates its tables in a new one)."""
+    if url is None:
+        return
+    if "://" in url:
+        _open_database(url)
+    else:
+        check_journal_path(url)
+
+
+def check_journal_path(url: str) -> None:
     path = Path(url)
     if path.is_dir() or not path.parent.is_dir():
         raise UserError(f"--tune-storage {url}: expected a journal file in an existing folder, or a database URL")
-    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def _open_database(url: str):
+    """optuna's RDBStorage on `url`; every way it cannot be opened is one line naming the URL."""
+    import optuna
+    import sqlalchemy
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+        parsed.get_dialect()
+    except NoSuchModuleError:  # before ArgumentError, its base class
+        raise UserError(
+            f"--tune-storage {url}: unknown database scheme '{url.partition('://')[0]}' "
+            "(sqlite:///FILE, postgresql://..., mysql://..., or a journal file path)"
+        ) from None
+    except ArgumentError:
+        raise UserError(f"--tune-storage {url}: not a database URL (e.g. sqlite:///studies.db)") from None
+    except ImportError as exc:
+        raise UserError(f"--tune-storage {url}: the database driver is not installed ({exc})") from None
+    database = parsed.database or ""
+    if parsed.get_backend_name() == "sqlite" and database not in ("", ":memory:") and not database.startswith("file:"):
+        if not Path(database).parent.is_dir():
+            raise UserError(f"--tune-storage {url}: the folder {Path(database).parent} does not exist")
+    try:
+        return optuna.storages.RDBStorage(url)
+    except (ImportError, ValueError, optuna.exceptions.StorageInternalError, SQLAlchemyError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        raise UserError(f"--tune-storage {url}: cannot open the database ({reason[0] if reason else exc})") from None
 
 
 def study_name(spec: OptimizerSpec, space: list[Dimension], *, budget: int, seed: int, task: str) -> str:

@@ -186,6 +186,10 @@ class Function(Task):
     def description(self) -> str:
         return f"2-D test function {self.cfg.function}"
 
+    @property
+    def has_validation(self) -> bool:
+        return False  # one dummy sample: nothing to hold out, whatever data.val_fraction says
+
     def example_batch(self, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.zeros(n, 1), torch.zeros(n)
 
