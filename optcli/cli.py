@@ -179,7 +179,7 @@ def train(
         )
     if result.primary:  # under torchrun only rank 0 reports
         show(
-            {**result.summary, "run_dir": str(result.run_dir)},
+            {**result.summary, "run_dir": str(result.run_dir), **({"warnings": w} if (w := result.warnings) else {})},
             json_out,
             lambda: print_train_result(result, cfg.train.log_every),
         )

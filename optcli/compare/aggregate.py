@@ -152,14 +152,16 @@ def verdict(
 
 
 def curves(specs: list[OptimizerSpec], trials: list[Trial], epochs: int) -> dict[str, dict[str, list]]:
-    """Per optimizer and epoch: [mean, std, min, max] over the seeds that reached it with a finite loss."""
+    """Per optimizer and epoch: [mean, std, min, max] over the seeds that reached it with a finite loss; up to the
+    last epoch any trial reached (the work done, not the `epochs` asked: a stopped run of 10**15 epochs has a few)."""
     out: dict[str, dict[str, list]] = {}
+    reached = min(epochs, max((len(t.history.epochs) for t in trials), default=0))
     for spec in specs:
         mine = [t.history.epochs for t in trials if t.label == spec.label]
         out[spec.label] = {}
         for kind in ("train_loss", "val_loss"):
             points = []
-            for e in range(epochs):
+            for e in range(reached):
                 vals = [v for h in mine if len(h) > e and (v := getattr(h[e], kind)) is not None and math.isfinite(v)]
                 points.append([*mean_std(vals), min(vals, default=None), max(vals, default=None)])
             out[spec.label][kind] = points

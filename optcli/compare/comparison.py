@@ -31,11 +31,12 @@ from optcli.compare.runners import (
 )
 from optcli.compare.save import save_comparison
 from optcli.compare.stats import Target, parse_target
-from optcli.compare.tuning import Tuned, check_overrides, check_storage, lr_find_centres, search_space
+from optcli.compare.studies import check_storage
+from optcli.compare.tuning import Tuned, check_overrides, lr_find_centres, search_space
 from optcli.compare.tuning import tune as run_tuning
 from optcli.config import Config, OptimizerConfig, check_seed, load_config, optimizer_config, parse_override, to_yaml
 from optcli.engine.build import torch_settings
-from optcli.engine.loop import EpochMetrics
+from optcli.engine.loop import EpochMetrics, History
 from optcli.engine.optimizers import (
     canonical_name,
     check_kwargs,
@@ -192,7 +193,23 @@ def run_prepared(
     callbacks: TrialCallbacks | None = None,
     started: float | None = None,
 ) -> Comparison:
-    """The trials of a prepared comparison (tuning first when asked), the Comparison built from them, saved."""
+    """The trials of a prepared comparison (tuning first when asked), the Comparison built from them, saved. A
+    stop signal at any point saves what finished, status interrupted, and raises RunInterrupted."""
+    comparison = run_and_save(cfg, prepared, options, on_plan=on_plan, callbacks=callbacks, started=started)
+    raise_if_interrupted(comparison)
+    return comparison
+
+
+def run_and_save(
+    cfg: Config,
+    prepared: Prepared,
+    options: CompareOptions,
+    *,
+    on_plan: Callable[[int], None] | None = None,
+    callbacks: TrialCallbacks | None = None,
+    started: float | None = None,
+) -> Comparison:
+    """run_prepared without the raise: the saved Comparison, whose status says whether a signal ended it."""
     started = time.perf_counter() if started is None else started
     # the study's home, made before tuning starts; otherwise the directory is made when the comparison is saved
     run_dir = create_run_dir(cfg.out_dir, cfg.name, prefix="compare-") if options.tuning else None
@@ -200,13 +217,23 @@ def run_prepared(
         on_plan(len(prepared.specs) * (len(prepared.seeds) + (options.tune_budget if options.tuning else 0)))
     with signals.stop_on_signals(), torch_settings(cfg, threads=options.threads if options.jobs == 1 else None):
         ran = run_trials(cfg, prepared, options, run_dir=run_dir, callbacks=callbacks)
-        comparison = save_comparison(cfg, build(cfg, prepared, options, ran, started=started), run_dir=run_dir)
-    if ran.stopped is not None:
-        finished = sum(t.history.status != "interrupted" for t in ran.trials)
-        where = comparison.run_dir
-        saved = f"{finished} of {len(ran.trials)} trials finished, saved in {where} (the others marked so)"
-        raise RunInterrupted(where, ran.stopped, saved=saved)
-    return comparison
+        return save_comparison(cfg, build(cfg, prepared, options, ran, started=started), run_dir=run_dir)
+
+
+def raise_if_interrupted(comparison: Comparison) -> None:
+    """RunInterrupted for a comparison a stop signal ended, saying what finished and where it is saved."""
+    if comparison.interrupted_by is None:
+        return
+    trials = comparison.trials
+    finished = sum(t.history.status != "interrupted" for t in trials)
+    saved = f"{finished} of {len(trials)} trials finished, saved in {comparison.run_dir} (the others marked so)"
+    if comparison.tuning is not None and comparison.tuning.get("status") == "interrupted":
+        rows = [r for t in comparison.tuning["optimizers"].values() for r in t["trials"]]
+        saved = (
+            f"tuning stopped after {len(rows)} finished tuning trials (kept in the study; the interrupted ones "
+            f"are marked failed and run again by the same command); {saved}"
+        )
+    raise RunInterrupted(comparison.run_dir, signal.Signals[comparison.interrupted_by], saved=saved)
 
 
 def run_trials(
@@ -217,21 +244,24 @@ def run_trials(
     run_dir: Path | None,
     callbacks: TrialCallbacks | None,
 ) -> Ran:
-    """Tuning (when asked) and then every (optimizer, seed) trial, through one runner. A stop signal during the
-    trials keeps the finished ones; during tuning or before, there is no comparison to save."""
+    """Tuning (when asked) and then every (optimizer, seed) trial, through one runner. A stop signal at any point
+    keeps the finished trials and marks the others interrupted (all of them when tuning or starting was cut)."""
     specs, seeds, stopped = prepared.specs, prepared.seeds, None
+    tuned, histories, notes = None, None, []
     try:
         with make_runner(cfg, options, device=prepared.device, callbacks=callbacks) as runner:
             tuned = tune_first(cfg, specs, options, seed=seeds[0], runner=runner, run_dir=run_dir)
-            specs = tuned.specs if tuned is not None else specs
-            plan = [(spec, seed) for seed in seeds for spec in specs]
-            try:
-                histories = runner.run(plan)
-            except TrialsInterrupted as exc:  # the finished trials are kept, the others marked interrupted
-                histories, stopped = exc.histories, exc.signum
+            specs, stopped = (tuned.specs, tuned.stopped) if tuned is not None else (specs, None)
+            if stopped is None:
+                try:
+                    histories = runner.run([(spec, seed) for seed in seeds for spec in specs])
+                except TrialsInterrupted as exc:  # the finished trials are kept, the others marked interrupted
+                    histories, stopped = exc.histories, exc.signum
             notes = list(getattr(runner, "notes", []))
-    except (TrialsInterrupted, KeyboardInterrupt) as exc:  # while tuning or starting: no comparison to save
-        raise RunInterrupted(None, getattr(exc, "signum", None) or signals.signum_of(exc)) from None
+    except KeyboardInterrupt as exc:  # while starting or closing the runner, or centring the lr ranges
+        stopped = signals.signum_of(exc)
+    plan = [(spec, seed) for seed in seeds for spec in specs]
+    histories = histories or [History(status="interrupted") for _ in plan]
     trials = [Trial(spec.label, seed, h) for (spec, seed), h in zip(plan, histories, strict=True)]
     return Ran(specs, trials, tuned, notes, stopped)
 

@@ -90,8 +90,8 @@ def merge_comparisons(run_dirs: list[str], *, out_dir: str = "runs", name: str |
     )
     config_yaml = yaml.safe_dump({**config, "merged_from": [str(d) for d in run_dirs]}, sort_keys=False)
     with RunLock(out_path), signals.stop_on_signals(), signals.held():
-        write_comparison(config_yaml, comparison, out_path)
-    return comparison
+        figures = write_comparison(config_yaml, comparison, out_path)
+    return dataclasses.replace(comparison, warnings=[*comparison.warnings, *figures]) if figures else comparison
 
 
 def _check_alike(run_dir: str, summary: dict, first_dir: str, first: dict, config: dict) -> None:

@@ -14,17 +14,19 @@ compresses its ratios towards 1. An optimizer that diverged on any seed of a tas
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from optcli.compare.comparison import Comparison, Prepared, prepare, run_comparison, run_prepared
+from optcli.compare.comparison import Comparison, Prepared, prepare, run_and_save, run_comparison
 from optcli.compare.options import CompareOptions
 from optcli.compare.performance_profile import TAUS, curve, profile
 from optcli.compare.runners import TrialCallbacks
 from optcli.config import Config
-from optcli.errors import UserError
+from optcli.errors import RunInterrupted, UserError
+from optcli.rundir import signals
 from optcli.rundir.files import create_run_dir, write_json
 
 MEASURE_WHY = {
@@ -48,6 +50,9 @@ class MultiTaskComparison:
     profile: dict[str, list[float]] = field(default_factory=dict)  # label -> rho(tau) for tau in taus
     run_dir: str | None = None
     wall_seconds: float = 0.0
+    status: str = "completed"  # or interrupted: a stop signal ended it; the tasks run so far are kept
+    interrupted_by: str | None = None
+    warnings: list[str] = field(default_factory=list)  # a figure that could not be drawn
 
     def to_dict(self) -> dict:
         finite = lambda v: v if math.isfinite(v) else None  # noqa: E731 strict JSON: "not reached" is null
@@ -61,6 +66,9 @@ class MultiTaskComparison:
             "profile": self.profile,
             "run_dir": self.run_dir,
             "wall_seconds": self.wall_seconds,
+            "status": self.status,
+            "interrupted_by": self.interrupted_by,
+            "warnings": self.warnings,
         }
 
 
@@ -131,34 +139,82 @@ def run_compare(
     ]
     first = cfgs[0][1]
     parent = create_run_dir(first.out_dir, first.name, prefix="compare-tasks-")
-    tasks = []
-    for name, (_, cfg), ready in zip(names, cfgs, prepared, strict=True):
-        if on_task:
-            on_task(name)
-        task_cfg = cfg.model_copy(update={"out_dir": str(parent), "name": name})
-        tasks.append((name, run_prepared(task_cfg, ready, options, on_plan=on_plan, callbacks=callbacks)))
+    with signals.stop_on_signals():  # also between the tasks and while the summary is written
+        tasks, stopped = run_tasks(cfgs, names, prepared, options, parent, on_task, on_plan, callbacks)
+        with signals.held():
+            result = summarize(tasks, parent=parent, stopped=stopped, started=started)
+            result.warnings = write_multitask(result, parent)
+    if stopped is not None:
+        done = sum(c.status == "completed" for _, c in tasks)
+        saved = f"{done} of {len(cfgs)} tasks finished, saved in {parent}"
+        raise RunInterrupted(str(parent), stopped, saved=saved)
+    return result
+
+
+def summarize(
+    tasks: list[tuple[str, Comparison]], *, parent: Path, stopped: int | None, started: float
+) -> MultiTaskComparison:
+    """The measures and the profile over the tasks that finished; every task run is listed."""
     keys, measures, unscored = set(), {}, {}
     for name, c in tasks:
+        if c.status != "completed":
+            continue
         key, measures[name], unscored[name] = task_measure(c)
         keys.add(key)
     measure = " or ".join(k for k in MEASURE_WHY if k in keys)
     why = " / ".join(MEASURE_WHY[k] for k in MEASURE_WHY if k in keys)
-    rho = profile(measures)
-    result = MultiTaskComparison(
+    return MultiTaskComparison(
         tasks,
         measure,
         why,
         measures,
         unscored,
-        profile=rho,
+        profile=profile(measures),
         run_dir=str(parent),
         wall_seconds=time.perf_counter() - started,
+        status="interrupted" if stopped is not None else "completed",
+        interrupted_by=signal.Signals(stopped).name if stopped is not None else None,
     )
-    write_json(parent / "summary.json", result.to_dict())
-    from optcli.report.profile import save_profile_plot
 
-    save_profile_plot(*curve(measures), parent / "profile.png", measure=measure)
+
+def write_multitask(result: MultiTaskComparison, parent: Path) -> list[str]:
+    """summary.json, profile.png and report.html; a profile that cannot be drawn is a warning line (returned)."""
+    write_json(parent / "summary.json", result.to_dict())
+    warning = None
+    if result.measures:
+        from optcli.report.plots import drawn
+        from optcli.report.profile import save_profile_plot
+
+        taus, rho = curve(result.measures)
+        warning = drawn(parent / "profile.png", lambda p: save_profile_plot(taus, rho, p, measure=result.measure))
     from optcli.report.html import report_after_run
 
     report_after_run(parent)  # one page, a section per task; when it fails the CLI says there is none
-    return result
+    return [warning] if warning else []
+
+
+def run_tasks(
+    cfgs: list[tuple[str | None, Config]],
+    names: list[str],
+    prepared: list[Prepared],
+    options: CompareOptions,
+    parent: Path,
+    on_task: Callable[[str], None] | None,
+    on_plan: Callable[[int], None] | None,
+    callbacks: TrialCallbacks | None,
+) -> tuple[list[tuple[str, Comparison]], int | None]:
+    """Each task's comparison in its folder of `parent`, until a stop signal: the tasks run so far (the one it cut
+    saved as interrupted) and the signal, or None."""
+    tasks: list[tuple[str, Comparison]] = []
+    try:
+        for name, (_, cfg), ready in zip(names, cfgs, prepared, strict=True):
+            if on_task:
+                on_task(name)
+            task_cfg = cfg.model_copy(update={"out_dir": str(parent), "name": name})
+            c = run_and_save(task_cfg, ready, options, on_plan=on_plan, callbacks=callbacks)
+            tasks.append((name, c))
+            if c.interrupted_by is not None:
+                return tasks, signal.Signals[c.interrupted_by]
+    except KeyboardInterrupt as exc:  # between two tasks
+        return tasks, signals.signum_of(exc)
+    return tasks, None

@@ -24,7 +24,8 @@ def save_comparison(cfg: Config, comparison: Comparison, *, run_dir: Path | None
     run_dir = run_dir or create_run_dir(cfg.out_dir, cfg.name, prefix="compare-")
     comparison = dataclasses.replace(comparison, run_dir=str(run_dir))
     with RunLock(run_dir), signals.held():
-        write_comparison(comparison_config_yaml(cfg), comparison, run_dir)
+        if warnings := write_comparison(comparison_config_yaml(cfg), comparison, run_dir):
+            comparison = dataclasses.replace(comparison, warnings=[*comparison.warnings, *warnings])
         if "tensorboard" in cfg.train.loggers:
             for t in comparison.trials:
                 write_history(run_dir / TENSORBOARD_DIR / trial_dir_name(t.label, t.seed), t.history)
@@ -42,7 +43,8 @@ def comparison_config_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json", exclude={"optimizer"}), sort_keys=False)
 
 
-def write_comparison(config_yaml: str, comparison: Comparison, run_dir: Path) -> None:
+def write_comparison(config_yaml: str, comparison: Comparison, run_dir: Path) -> list[str]:
+    """The files, then the figures: a figure that cannot be drawn is a warning line (returned), not a failure."""
     atomic_write_text(run_dir / "config.yaml", config_yaml + yaml_specs(comparison))
     target = Target(**comparison.target) if comparison.target else None
     rows = [
@@ -57,21 +59,24 @@ def write_comparison(config_yaml: str, comparison: Comparison, run_dir: Path) ->
     ]
     write_csv(run_dir / "metrics.csv", rows)
     write_json(run_dir / "summary.json", {"format": FORMAT_VERSION, **comparison.to_dict()})
-    from optcli.report.plots import save_dynamics_plot, save_loss_plot  # matplotlib only when a comparison is written
+    from optcli.report.plots import drawn, save_dynamics_plot, save_loss_plot  # matplotlib only when written
 
-    save_loss_plot(comparison, run_dir / "loss.png")
+    figures = [("loss.png", lambda p: save_loss_plot(comparison, p))]
     if any(e.dynamics for t in comparison.trials for e in t.history.epochs):
-        save_dynamics_plot(comparison, run_dir / "dynamics.png")
+        figures.append(("dynamics.png", lambda p: save_dynamics_plot(comparison, p)))
     if comparison.function is not None:
         from optcli.report.plots import save_trajectory_plot
 
         f = comparison.function
-        save_trajectory_plot(comparison, grid(DataConfig(**f["data"]), f["box"]), run_dir / "trajectories.png")
+        box = lambda: grid(DataConfig(**f["data"]), f["box"])  # noqa: E731 the function over the plot's box
+        figures.append(("trajectories.png", lambda p: save_trajectory_plot(comparison, box(), p)))
     if comparison.tuning:
         from optcli.report.tuning import save_tuning_plot
 
         write_csv(run_dir / "tuning.csv", tuning_rows(comparison.tuning))
-        save_tuning_plot(comparison.tuning, run_dir / "tuning.png")
+        tuning = comparison.tuning
+        figures.append(("tuning.png", lambda p: save_tuning_plot(tuning, p)))
+    return [w for name, draw in figures if (w := drawn(run_dir / name, draw))]
 
 
 def yaml_specs(comparison: Comparison) -> str:

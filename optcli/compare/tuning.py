@@ -28,21 +28,20 @@ import difflib
 import hashlib
 import json
 import math
-import time
-import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeGuard
 
 from optcli.compare.options import CompareOptions
-from optcli.compare.runners import OptimizerSpec, TrialRunner
+from optcli.compare.runners import OptimizerSpec, TrialRunner, TrialsInterrupted
+from optcli.compare.studies import counted_trials, open_storage, open_study, tell
 from optcli.config import Config, optimizer_config
 from optcli.engine.loop import History
 from optcli.engine.optimizers import resolve_optimizer, signature_defaults
 from optcli.errors import UserError
+from optcli.rundir import signals
 
 EDGE = 0.1  # a winner within this fraction of a dimension's (log) range from its end is "on the edge"
-POLL_SECONDS = 2.0  # how often a machine looks whether the others' trials of a shared study have finished
 
 
 @dataclass
@@ -167,66 +166,6 @@ def kwargs_at(spec: OptimizerSpec, point: dict[str, float]) -> dict[str, Any]:
     return kwargs
 
 
-def open_storage(url: str | None, run_dir: Path | None):
-    """An Optuna storage: a journal file in the run directory by default; a database URL or a journal path."""
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    if url is None:
-        assert run_dir is not None
-        return JournalStorage(JournalFileBackend(str(run_dir / "tuning.journal")))
-    if "://" in url:
-        return _open_database(url)
-    check_journal_path(url)
-    return JournalStorage(JournalFileBackend(str(url)))
-
-
-def check_storage(url: str | None) -> None:
-    """--tune-storage, checked before any directory is made: a journal file in an existing folder, or a database
-    URL of a known scheme whose driver is installed and which opens (optuna creates its tables in a new one)."""
-    if url is None:
-        return
-    if "://" in url:
-        _open_database(url)
-    else:
-        check_journal_path(url)
-
-
-def check_journal_path(url: str) -> None:
-    path = Path(url)
-    if path.is_dir() or not path.parent.is_dir():
-        raise UserError(f"--tune-storage {url}: expected a journal file in an existing folder, or a database URL")
-
-
-def _open_database(url: str):
-    """optuna's RDBStorage on `url`; every way it cannot be opened is one line naming the URL."""
-    import optuna
-    import sqlalchemy
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
-
-    try:
-        parsed = sqlalchemy.engine.make_url(url)
-        parsed.get_dialect()
-    except NoSuchModuleError:  # before ArgumentError, its base class
-        raise UserError(
-            f"--tune-storage {url}: unknown database scheme '{url.partition('://')[0]}' "
-            "(sqlite:///FILE, postgresql://..., mysql://..., or a journal file path)"
-        ) from None
-    except ArgumentError:
-        raise UserError(f"--tune-storage {url}: not a database URL (e.g. sqlite:///studies.db)") from None
-    except ImportError as exc:
-        raise UserError(f"--tune-storage {url}: the database driver is not installed ({exc})") from None
-    database = parsed.database or ""
-    if parsed.get_backend_name() == "sqlite" and database not in ("", ":memory:") and not database.startswith("file:"):
-        if not Path(database).parent.is_dir():
-            raise UserError(f"--tune-storage {url}: the folder {Path(database).parent} does not exist")
-    try:
-        return optuna.storages.RDBStorage(url)
-    except (ImportError, ValueError, optuna.exceptions.StorageInternalError, SQLAlchemyError) as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        raise UserError(f"--tune-storage {url}: cannot open the database ({reason[0] if reason else exc})") from None
-
-
 def study_name(spec: OptimizerSpec, space: list[Dimension], *, budget: int, seed: int, task: str) -> str:
     """The same on every machine that runs the same command, different for anything that changes the trials."""
     key = json.dumps([task, spec.name, spec.kwargs, [asdict(d) for d in space], budget, seed], default=str)
@@ -274,7 +213,8 @@ def _score(history: History) -> float:
 class Tuned:
     record: dict  # the space, every trial, the winner and edge flags of each optimizer
     histories: list[History]  # of the trials run here
-    specs: list[OptimizerSpec]  # each with its winning setting (its own where no trial finished)
+    specs: list[OptimizerSpec]  # each with its winning setting (its own where no trial finished, or when stopped)
+    stopped: int | None = None  # the stop signal that ended the tuning: its record holds the trials finished
 
 
 def tune(
@@ -289,7 +229,8 @@ def tune(
     lr_find: dict[str, dict] | None = None,
 ) -> Tuned:
     """Tune every spec with the same budget (options.tune_budget), the lr alone unless options.tune; returns the
-    tuning record, the histories of the trials run here, and the specs with their winning settings."""
+    tuning record, the histories of the trials run here, and the specs with their winning settings. A stop signal
+    ends it with what finished told to the studies, the interrupted trials marked so (studies.py), and `stopped`."""
     try:
         import optuna
     except ImportError:
@@ -301,20 +242,9 @@ def tune(
     spaces = {
         s.label: search_space(s, overrides=overrides, lr_only=lr_only, lr_centre=centres.get(s.label)) for s in specs
     }
+    names = {s.label: study_name(s, spaces[s.label], budget=budget, seed=seed, task=task) for s in specs}
     storage = open_storage(options.tune_storage, run_dir)
-    studies, asked = {}, []
-    for spec in specs:
-        studies[spec.label], trials = _open_study(
-            spec, spaces[spec.label], storage, budget=budget, seed=seed, task=task
-        )
-        asked += [(spec, trial) for trial in trials]
-    plan = [(OptimizerSpec(s.label, s.name, kwargs_at(s, t.params)), seed) for s, t in asked]
-    histories = runner.run(plan)
-    for (spec, trial), history in zip(asked, histories, strict=True):
-        trial.set_user_attr("status", history.status)
-        trial.set_user_attr("epochs", len(history.epochs))
-        score = _score(history)
-        studies[spec.label].tell(trial, score if math.isfinite(score) else None, state=_state(score))
+    studies, asked, histories, stopped = _run_trials(specs, spaces, names, storage, budget, seed, runner)
     record: dict[str, Any] = {
         "budget": budget,
         "seed": seed,
@@ -324,10 +254,11 @@ def tune(
         "lr_only": lr_only,
         "lr_centre": "lr-find" if lr_find else "spec",
         "optimizers": {},
+        **({"status": "interrupted"} if stopped is not None else {}),
     }
     tuned = []
-    for spec in specs:
-        settled, winner = _settle(spec, studies[spec.label], spaces[spec.label], budget)
+    for spec in (s for s in specs if s.label in studies):
+        settled, winner = _settle(spec, studies[spec.label], spaces[spec.label], budget, wait=stopped is None)
         mine = [h for (s, _), h in zip(asked, histories, strict=True) if s.label == spec.label]
         found = (lr_find or {}).get(spec.label)
         # the optimizer steps this machine spent tuning it: every trial's, plus its range test's allotment
@@ -336,55 +267,51 @@ def tune(
             settled["lr_find"] = found
         record["optimizers"][spec.label] = settled
         tuned.append(replace(spec, kwargs=winner) if winner is not None else spec)
-    return Tuned(record, histories, tuned)
+    return Tuned(record, histories, tuned if stopped is None else specs, stopped)
 
 
-def _open_study(spec: OptimizerSpec, space: list[Dimension], storage, *, budget: int, seed: int, task: str):
-    """The optimizer's study (trial 0 at the centre of its space) and the trials this machine is to run: on a
-    shared storage, other machines' trials count against the budget."""
-    import optuna
-
-    distributions: dict[str, optuna.distributions.BaseDistribution] = {
-        d.name: optuna.distributions.FloatDistribution(d.low, d.high, log=d.log) for d in space
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.QMCSampler(
-            qmc_type="sobol", scramble=True, seed=seed, warn_independent_sampling=False
-        )
-    study = optuna.create_study(
-        study_name=study_name(spec, space, budget=budget, seed=seed, task=task),
-        storage=storage,
-        sampler=sampler,
-        direction="minimize",
-        load_if_exists=True,
-    )
-    existing = len(study.trials)
-    if not existing:
-        study.enqueue_trial({d.name: d.centre() for d in space})
-    return study, [study.ask(distributions) for _ in range(max(0, budget - existing))]
-
-
-def _state(score: float):
-    from optuna.trial import TrialState
-
-    return TrialState.COMPLETE if math.isfinite(score) else TrialState.FAIL
-
-
-def _finished_trials(study, budget: int) -> list:
-    """The study's first `budget` trials once all have finished: other machines may still run theirs."""
-    from optuna.trial import TrialState
-
-    while True:
-        trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)[:budget]
-        if all(t.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED) for t in trials):
-            return trials
-        time.sleep(POLL_SECONDS)
+def _run_trials(
+    specs: list[OptimizerSpec],
+    spaces: dict[str, list[Dimension]],
+    names: dict[str, str],
+    storage: Any,
+    budget: int,
+    seed: int,
+    runner: TrialRunner,
+) -> tuple[dict, list, list[History], int | None]:
+    """Open each study, ask this machine's trials, run them and tell the results: (studies, asked trials, their
+    histories, the stop signal or None). Asking and telling are never cut by a signal, so that no trial is left
+    RUNNING in a study; a signal while trials run marks the unfinished ones interrupted."""
+    studies: dict[str, Any] = {}
+    asked: list[tuple[OptimizerSpec, Any]] = []
+    histories: list[History] | None = None
+    stopped = None
+    try:
+        for spec in specs:
+            with signals.held():
+                studies[spec.label], trials = open_study(
+                    names[spec.label], spaces[spec.label], storage, budget=budget, seed=seed
+                )
+                asked += [(spec, trial) for trial in trials]
+        plan = [(OptimizerSpec(s.label, s.name, kwargs_at(s, t.params)), seed) for s, t in asked]
+        histories = runner.run(plan)
+    except TrialsInterrupted as exc:
+        histories, stopped = exc.histories, exc.signum
+    except KeyboardInterrupt as exc:  # between the studies being opened and the trials starting
+        stopped = signals.signum_of(exc)
+    histories = histories or [History(status="interrupted") for _ in asked]
+    with signals.held():
+        for (spec, trial), history in zip(asked, histories, strict=True):
+            tell(studies[spec.label], trial, history, _score(history))
+    return studies, asked, histories, stopped
 
 
-def _settle(spec: OptimizerSpec, study, space: list[Dimension], budget: int) -> tuple[dict, dict[str, Any] | None]:
-    """The record of the first `budget` trials, and the winner's keywords (None when no trial finished)."""
-    trials = _finished_trials(study, budget)
+def _settle(
+    spec: OptimizerSpec, study, space: list[Dimension], budget: int, *, wait: bool = True
+) -> tuple[dict, dict[str, Any] | None]:
+    """The record of the first `budget` trials, and the winner's keywords (None when no trial finished); without
+    `wait`, of those finished now."""
+    trials = counted_trials(study, budget, wait=wait)
     rows = [
         {
             "number": t.number,

@@ -5,6 +5,7 @@ close."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,24 @@ def png_bytes(fig: Figure, *, dpi: int = 110) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
+
+
+def drawn(path: Path, draw: Callable[[Path], None]) -> str | None:
+    """Draw one figure to `path`; one that cannot be drawn (e.g. matplotlib's OverflowError on a log axis from
+    1e-300 to 1e300) is a warning line, not a failure: the run's results and other files stand. The operating
+    system's refusals (a full disk) are not caught here: they fail the run as any other file would."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # numpy's overflow warnings on the way to such an error
+            warnings.simplefilter("ignore", RuntimeWarning)
+            draw(path)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 a figure is a view of files already written
+        text = str(exc).strip().splitlines()
+        return f"{path.name} not drawn ({type(exc).__name__}: {text[0][:200] if text else ''})"
+    return None
 
 
 def save_figure(fig: Figure, path: Path, *, dpi: int = 110) -> None:

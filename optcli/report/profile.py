@@ -63,6 +63,8 @@ def print_multitask(multitask: MultiTaskComparison, console: Console) -> None:
     console.print(Rule("across tasks"))
     console.print(measures_table(multitask))
     console.print(profile_table(multitask))
+    for warning in multitask.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
     console.print(
         f"wall time {multitask.wall_seconds:.1f} s; files: {multitask.run_dir} "
         "(profile.png, summary.json, one folder per task)"

@@ -75,6 +75,8 @@ def print_train_result(result: TrainResult, every: int = 0) -> None:
     if s["seconds_per_epoch_median_warm"]:  # the median after the cold first epoch
         line += f"; {s['seconds_per_epoch_median_warm']:.3f} s/epoch on {s['device']}"
     console.print(line)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
     console.print(f"run directory: {result.run_dir}")
 
 
@@ -167,10 +169,11 @@ def curve_table(comparison: Comparison, max_rows: int = 30) -> Table:
     )
     title = ("validation" if kind == "val_loss" else "training") + " loss per epoch (mean over seeds)"
     labels = [s.label for s in comparison.specs]
-    if comparison.epochs > max_rows:
+    shown = max((len(comparison.curves[label][kind]) for label in labels), default=0)  # the epochs any trial ran
+    if shown > max_rows:
         table = Table(title=title + ", log scale")
         table.add_column("optimizer")
-        table.add_column(f"epochs 1 → {comparison.epochs}")
+        table.add_column(f"epochs 1 → {shown}")
         table.add_column("last", justify="right")
         for label in labels:
             means = [p[0] for p in comparison.curves[label][kind]]
@@ -181,7 +184,7 @@ def curve_table(comparison: Comparison, max_rows: int = 30) -> Table:
     table.add_column("epoch", justify="right")
     for label in labels:
         table.add_column(label, justify="right")
-    for e in range(comparison.epochs):
+    for e in range(shown):
         values = {label: comparison.curves[label][kind][e][0] for label in labels}
         finite = [v for v in values.values() if v is not None]
         low = min(finite) if finite else None

@@ -9,7 +9,7 @@ import signal
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ class TrainResult:
     summary: dict
     start_epoch: int  # 1, or the epoch a resumed run continued from
     primary: bool = True  # rank 0 (or the only process): the one that prints
+    warnings: list[str] = field(default_factory=list)  # a figure that could not be drawn
 
 
 def training_state(model, optimizer, scheduler, scaler: torch.amp.GradScaler | None = None) -> dict:
@@ -172,16 +173,17 @@ class RunWriter:
         self.written = History(list(history.epochs), history.status, history.diverged_at)
         self.last_write = time.monotonic()
 
-    def write_plot(self, history: History | None = None) -> None:
-        """loss.png next to the metrics: train and validation loss, accuracy, lr."""
-        from optcli.report.plots import save_run_plot  # matplotlib only once a run has something to draw
+    def write_plot(self, history: History | None = None) -> list[str]:
+        """loss.png next to the metrics: train and validation loss, accuracy, lr; then report.html. Returns a
+        warning line when the figure could not be drawn (the run's files stand)."""
+        from optcli.report.plots import drawn, save_run_plot  # matplotlib only once a run has something to draw
 
         history = history or self.history
-        if history.epochs:
-            save_run_plot(history, self.run_dir / "loss.png")
+        warning = drawn(self.run_dir / "loss.png", lambda p: save_run_plot(history, p)) if history.epochs else None
         from optcli.report.html import report_after_run
 
         report_after_run(self.run_dir)  # after summary.json is whole; when it fails the CLI says there is none
+        return [warning] if warning else []
 
     def fail(self, exc: BaseException) -> None:
         """Mark the run failed with the reason, where the disk still allows it; the summary must not say running."""
@@ -296,6 +298,7 @@ def _train_locked(
             on_epoch(h)
 
     started = time.perf_counter()
+    figure_warnings: list[str] = []
     try:
         history = fit(
             Training(cfg, model, optimizer, scheduler, data, train_model=train_model, dist=dist, scaler=scaler),
@@ -306,7 +309,7 @@ def _train_locked(
         )
         if writer is not None:
             writer.flush(history=history)  # the final status and the test metrics
-            writer.write_plot(history)
+            figure_warnings = writer.write_plot(history)
     except BaseException as exc:
         interrupted = _record_end(exc, writer)
         if interrupted is None:
@@ -318,7 +321,8 @@ def _train_locked(
         if lock is not None:
             lock.release()
     summary = summarize(cfg, history, device=device, seconds=time.perf_counter() - started, world=dist.world)
-    return TrainResult(writer.run_dir if writer else None, history, summary, start_epoch, dist.primary)
+    run_dir = writer.run_dir if writer else None
+    return TrainResult(run_dir, history, summary, start_epoch, dist.primary, figure_warnings)
 
 
 def _build(cfg: Config, device: torch.device, resume: str | None) -> tuple[Data, tuple, History]:
