@@ -287,6 +287,12 @@ def compare(
     else:
         show(result.to_dict(), json_out, lambda: print_comparison(result))
     report_line(result.run_dir)
+    if code := COMPARE_EXIT_CODES.get(result.status, 0):  # trials that failed with an error (README: How a run ends)
+        typer.echo(f"error: {result.status.replace('_', ' ')}: see the failed trials in {result.run_dir}", err=True)
+        raise typer.Exit(code)
+
+
+COMPARE_EXIT_CODES = {"failed": 1, "partly_failed": 3}
 
 
 @app.command()

@@ -172,3 +172,32 @@ def test_a_train_plot_that_cannot_be_drawn_is_a_warning(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "warning: loss.png not drawn (ValueError: Data cannot be log-scaled)" in " ".join(result.output.split())
     assert (tmp_path / "runs" / "r" / "summary.json").is_file()
+
+
+class Failing(TrialRunner):
+    """Every trial raised an error in its worker (a Ray worker lost twice): marked failed, as RayRunner marks it;
+    `ok` trials of the plan run for real."""
+
+    def __init__(self, inner: TrialRunner, ok: int):
+        super().__init__()
+        self.inner, self.ok = inner, ok
+
+    def run(self, plan):
+        done = self.inner.run(plan[: self.ok])
+        return done + [History(status="failed", error="WorkerCrashedError: lost") for _ in plan[self.ok :]]
+
+    def close(self):
+        self.inner.close()
+
+
+@pytest.mark.parametrize("ok, status, code", [(0, "failed", 1), (1, "partly_failed", 3)])
+def test_trials_that_failed_give_a_status_and_an_exit_code(ok, status, code, tmp_path, monkeypatch):
+    make_runner = comparison_module.make_runner
+    monkeypatch.setattr(comparison_module, "make_runner", lambda *a, **k: Failing(make_runner(*a, **k), ok))
+    small = [a for item in SMALL for a in ("--set", item)]
+    result = cli("compare", "sgd", "adam", "--seeds", "1", *small, "--set", "name=c")
+    assert result.exit_code == code, result.output
+    assert f"error: {status.replace('_', ' ')}: see the failed trials in runs/c" in result.output
+    summary = strict_loads((tmp_path / "runs" / "c" / "summary.json").read_text())
+    assert summary["status"] == status
+    assert [t["status"] for t in summary["trials"]] == ["completed"] * ok + ["failed"] * (2 - ok)

@@ -71,3 +71,25 @@ def test_a_2d_function_has_no_val_loss_for_a_target_early_stopping_or_tuning(ext
 def test_a_2d_function_keeps_its_train_loss_target(tmp_path):
     result = cli("compare", "sgd", *FUNCTION, "--target", "train_loss=100", "--json")
     assert result.exit_code == 0, result.output
+
+
+MISSING_MNIST = ["--set", "data.name=mnist", "--set", "data.root=nowhere", "--set", "data.download=false"]
+MISSING_LINE = "error: data: MNIST not found in nowhere/MNIST/raw (missing train-images-idx3-ubyte"
+
+
+@pytest.mark.parametrize("extra", [[], ["--jobs", "2"], ["--jobs", "2", "--tune-lr"]])
+def test_data_that_is_not_there_is_the_same_line_serially_and_in_workers(extra, tmp_path):
+    if "--tune-lr" in extra:
+        pytest.importorskip("optuna")
+    result = cli("compare", "sgd", "adam", *MISSING_MNIST, "--seeds", "1", "--epochs", "1", *extra)
+    assert_user_error(result, MISSING_LINE, tmp_path)  # no BrokenProcessPool, no run directory (tuning included)
+    assert [line for line in result.output.splitlines() if line.startswith("error")] == [
+        line for line in result.output.splitlines() if MISSING_LINE in line
+    ]
+
+
+def test_an_unreachable_ray_cluster_is_one_line_at_once(tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")  # the discard port: nothing answers
+    result = cli("compare", "sgd", "--seeds", "1", "--epochs", "1", "--backend", "ray")
+    assert_user_error(result, "error: RAY_ADDRESS=127.0.0.1:9: no Ray cluster answers there", tmp_path)

@@ -10,6 +10,7 @@ from optcli.compare.comparison import parse_specs, run_comparison
 from optcli.compare.options import CompareOptions
 from optcli.compare.runners import RayRunner, TrialCallbacks, TrialsInterrupted
 from optcli.config import load_config
+from optcli.errors import UserError
 from tests.conftest import cli
 
 ray = pytest.importorskip("ray")
@@ -44,15 +45,14 @@ def test_ray_trials_equal_a_serial_run_with_one_thread(local_ray):
     assert len(summary["trials"]) == 6 and summary["rows"][0]["status"] == "completed"
 
 
-def test_a_failing_trial_is_marked_failed_in_its_row(local_ray, tmp_path):
-    # MNIST missing on the worker: the task raises, is retried once, and the trial is marked failed
+def test_data_missing_on_the_workers_is_the_serial_paths_line(local_ray, tmp_path):
+    # MNIST missing: the workers' UserError is raised here, as the serial path raises it, before any file is made
     cfg = load_config(
         None, ["data.name=mnist", f"data.root={tmp_path}/none", "data.download=false", "train.loss=cross_entropy"]
     )
-    c = run_comparison(cfg, ["adam"], CompareOptions(seeds=1, backend="ray"))
-    assert c.trials[0].history.status == "failed"
-    assert "MNIST not found" in c.trials[0].history.error
-    assert c.rows[0]["status"] == "failed 1/1" and c.verdicts == []
+    with pytest.raises(UserError, match=r"^data: MNIST not found in .*/none/MNIST/raw"):
+        run_comparison(cfg, ["adam"], CompareOptions(seeds=1, backend="ray"))
+    assert not (tmp_path / "runs").exists()
 
 
 def test_an_interruption_cancels_the_pending_tasks(local_ray):

@@ -182,6 +182,7 @@ class Ran:
     tuned: Tuned | None
     notes: list[str]  # one line per choice the runner made
     stopped: int | None  # the signal that ended the trials early: the unfinished ones are marked interrupted
+    run_dir: Path | None  # made for a tuning study; None: made when the comparison is saved
 
 
 def run_prepared(
@@ -211,13 +212,11 @@ def run_and_save(
 ) -> Comparison:
     """run_prepared without the raise: the saved Comparison, whose status says whether a signal ended it."""
     started = time.perf_counter() if started is None else started
-    # the study's home, made before tuning starts; otherwise the directory is made when the comparison is saved
-    run_dir = create_run_dir(cfg.out_dir, cfg.name, prefix="compare-") if options.tuning else None
     if on_plan:
         on_plan(len(prepared.specs) * (len(prepared.seeds) + (options.tune_budget if options.tuning else 0)))
     with signals.stop_on_signals(), torch_settings(cfg, threads=options.threads if options.jobs == 1 else None):
-        ran = run_trials(cfg, prepared, options, run_dir=run_dir, callbacks=callbacks)
-        return save_comparison(cfg, build(cfg, prepared, options, ran, started=started), run_dir=run_dir)
+        ran = run_trials(cfg, prepared, options, callbacks=callbacks)
+        return save_comparison(cfg, build(cfg, prepared, options, ran, started=started), run_dir=ran.run_dir)
 
 
 def raise_if_interrupted(comparison: Comparison) -> None:
@@ -241,15 +240,18 @@ def run_trials(
     prepared: Prepared,
     options: CompareOptions,
     *,
-    run_dir: Path | None,
     callbacks: TrialCallbacks | None,
 ) -> Ran:
-    """Tuning (when asked) and then every (optimizer, seed) trial, through one runner. A stop signal at any point
-    keeps the finished trials and marks the others interrupted (all of them when tuning or starting was cut)."""
+    """Tuning (when asked) and then every (optimizer, seed) trial, through one runner. The runner is started (its
+    data loaded, in this process or its workers) before a tuning study's run directory is made, so that data that
+    is not there is one line and nothing on disk. A stop signal at any point keeps the finished trials and marks
+    the others interrupted (all of them when tuning or starting was cut)."""
     specs, seeds, stopped = prepared.specs, prepared.seeds, None
-    tuned, histories, notes = None, None, []
+    tuned, histories, notes, run_dir = None, None, [], None
     try:
         with make_runner(cfg, options, device=prepared.device, callbacks=callbacks) as runner:
+            if options.tuning:  # the study's home; otherwise the directory is made when the comparison is saved
+                run_dir = create_run_dir(cfg.out_dir, cfg.name, prefix="compare-")
             tuned = tune_first(cfg, specs, options, seed=seeds[0], runner=runner, run_dir=run_dir)
             specs, stopped = (tuned.specs, tuned.stopped) if tuned is not None else (specs, None)
             if stopped is None:
@@ -263,7 +265,7 @@ def run_trials(
     plan = [(spec, seed) for seed in seeds for spec in specs]
     histories = histories or [History(status="interrupted") for _ in plan]
     trials = [Trial(spec.label, seed, h) for (spec, seed), h in zip(plan, histories, strict=True)]
-    return Ran(specs, trials, tuned, notes, stopped)
+    return Ran(specs, trials, tuned, notes, stopped, run_dir)
 
 
 def tune_first(
@@ -312,10 +314,19 @@ def build(cfg: Config, prepared: Prepared, options: CompareOptions, ran: Ran, *,
         provenance=run_provenance(options, ran.specs, prepared.device),
         notes=ran.notes,
         function=get_task(cfg.data).describe_comparison(seeds, ran.trials) if ran.stopped is None else None,
-        status="interrupted" if ran.stopped is not None else "completed",
+        status=ending(ran),
         interrupted_by=signal.Signals(ran.stopped).name if ran.stopped is not None else None,
         wall_seconds=time.perf_counter() - started,
     )
+
+
+def ending(ran: Ran) -> str:
+    """interrupted (a stop signal), failed (every trial raised an error: nothing to compare), partly_failed (some
+    did), or completed. A diverged trial is a result, not a failure."""
+    if ran.stopped is not None:
+        return "interrupted"
+    failed = sum(t.history.status == "failed" for t in ran.trials)
+    return "completed" if not failed else "failed" if failed == len(ran.trials) else "partly_failed"
 
 
 def run_provenance(options: CompareOptions, specs: list[OptimizerSpec], device: torch.device) -> dict:

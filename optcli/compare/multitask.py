@@ -145,7 +145,7 @@ def run_compare(
             result = summarize(tasks, parent=parent, stopped=stopped, started=started)
             result.warnings = write_multitask(result, parent)
     if stopped is not None:
-        done = sum(c.status == "completed" for _, c in tasks)
+        done = sum(c.status != "interrupted" for _, c in tasks)
         saved = f"{done} of {len(cfgs)} tasks finished, saved in {parent}"
         raise RunInterrupted(str(parent), stopped, saved=saved)
     return result
@@ -154,10 +154,10 @@ def run_compare(
 def summarize(
     tasks: list[tuple[str, Comparison]], *, parent: Path, stopped: int | None, started: float
 ) -> MultiTaskComparison:
-    """The measures and the profile over the tasks that finished; every task run is listed."""
+    """The measures and the profile over the tasks that ran to their end; every task run is listed."""
     keys, measures, unscored = set(), {}, {}
     for name, c in tasks:
-        if c.status != "completed":
+        if c.status == "interrupted":
             continue
         key, measures[name], unscored[name] = task_measure(c)
         keys.add(key)
@@ -172,9 +172,16 @@ def summarize(
         profile=profile(measures),
         run_dir=str(parent),
         wall_seconds=time.perf_counter() - started,
-        status="interrupted" if stopped is not None else "completed",
+        status="interrupted" if stopped is not None else _status([c.status for _, c in tasks]),
         interrupted_by=signal.Signals(stopped).name if stopped is not None else None,
     )
+
+
+def _status(statuses: list[str]) -> str:
+    """failed when every task failed, partly_failed when some trial of any task failed, else completed."""
+    if all(s == "failed" for s in statuses):
+        return "failed"
+    return "completed" if all(s == "completed" for s in statuses) else "partly_failed"
 
 
 def write_multitask(result: MultiTaskComparison, parent: Path) -> list[str]:

@@ -34,7 +34,9 @@ class Comparison:
     jobs: int = 1
     notes: list[str] = field(default_factory=list)  # one line per choice the runner made (vectorize fallbacks)
     function: dict | None = None  # 2-D test functions: name, minimum, start per seed, plot box, data config
-    status: str = "completed"  # or interrupted: a stop signal ended it, unfinished trials are marked interrupted
+    # or interrupted: a stop signal ended it, unfinished trials are marked interrupted; failed: every trial raised an
+    # error (a Ray worker lost twice, ...); partly_failed: some did (comparison.ending)
+    status: str = "completed"
     interrupted_by: str | None = None  # the signal's name
     target: dict | None = None  # {"metric", "value", "higher_is_better"} of --target
     loss_floor: float | None = None  # the best achievable validation loss of the task, when known

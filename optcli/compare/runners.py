@@ -15,6 +15,7 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -134,10 +135,20 @@ def _init_worker(cfg_json: dict, threads: int, device: str | None) -> None:
     # before any parallel work, so that the thread pool inherits it; a worker lives for one comparison only
     set_torch_settings(cfg, threads=threads)
     _worker["cfg"] = cfg
-    _worker["data"] = load_data(cfg.data, torch.device(device) if device else resolve_device(cfg.device))
+    try:
+        _worker["data"] = load_data(cfg.data, torch.device(device) if device else resolve_device(cfg.device))
+    except UserError as exc:  # raised by the worker's tasks, so that the parent says the line the serial path says
+        _worker["error"] = exc  # (an initializer's exception would only break the pool)
+
+
+def _ready() -> None:
+    """A worker's first task: its data loaded, or the error that stopped it (UserError pickles as it is)."""
+    if "error" in _worker:
+        raise _worker["error"]
 
 
 def _run_in_worker(spec: OptimizerSpec, seed: int) -> History:
+    _ready()
     return run_trial(_worker["cfg"], _worker["data"], spec, seed)
 
 
@@ -164,6 +175,14 @@ class ProcessPoolRunner(TrialRunner):
             initializer=_init_worker,
             initargs=(cfg.model_dump(mode="json"), threads or threads_per_job(jobs), str(device) if device else None),
         )
+        try:  # every worker started and its data loaded before any file is made: a missing dataset is one line
+            with signals.blocked_in_children():
+                ready = [self.pool.submit(_ready) for _ in range(jobs)]
+            for future in ready:
+                future.result()
+        except BaseException:
+            self.terminate()
+            raise
 
     def run(self, plan: Plan) -> list[History]:
         with signals.blocked_in_children():  # the first submit starts the workers
@@ -178,6 +197,9 @@ class ProcessPoolRunner(TrialRunner):
             self.terminate()
             finished = {i: f.result() for i, f in enumerate(futures) if i not in done and _finished(f)}
             raise _interrupted({**done, **finished}, plan, exc) from None
+        except BaseException:  # a trial's error, raised here as the serial path raises it: the others end now
+            self.terminate()
+            raise
         return [done[i] for i in range(len(plan))]
 
     def terminate(self) -> None:
@@ -210,22 +232,56 @@ def import_ray():
 
 
 _ray_worker: dict[str, Any] = {}
+RAY_CONNECT_SECONDS = 10.0  # how long RAY_ADDRESS may take to accept a connection before it is reported
 
 
 def _ray_trial(cfg_json: dict, spec: OptimizerSpec, seed: int, threads: int) -> History:
     """One trial in a Ray worker: the data are loaded once per worker process and config, as in a pool worker.
     The device is resolved here, on the worker's machine, which may not be the driver's; the worker process may
     run other tasks next, so the torch settings are put back after the trial."""
+    cfg = Config.model_validate(cfg_json)
+    with torch_settings(cfg, threads=threads):
+        return run_trial(cfg, _ray_data(cfg_json), spec, seed)
+
+
+def _ray_data(cfg_json: dict) -> Data:
+    """The data of a config in this Ray worker, loaded once per worker process and config."""
     from optcli.engine.model import resolve_device
     from optcli.tasks import load_data
 
     cfg = Config.model_validate(cfg_json)
-    with torch_settings(cfg, threads=threads):
-        key = json.dumps([cfg_json["data"], cfg_json["device"]], sort_keys=True)
-        if _ray_worker.get("key") != key:
-            _ray_worker["data"] = load_data(cfg.data, resolve_device(cfg.device))
-            _ray_worker["key"] = key
-        return run_trial(cfg, _ray_worker["data"], spec, seed)
+    key = json.dumps([cfg_json["data"], cfg_json["device"]], sort_keys=True)
+    if _ray_worker.get("key") != key:
+        _ray_worker["data"] = load_data(cfg.data, resolve_device(cfg.device))
+        _ray_worker["key"] = key
+    return _ray_worker["data"]
+
+
+def _ray_ready(cfg_json: dict) -> None:
+    """A Ray worker loads the data before any trial: a dataset that is not there is the serial path's one line."""
+    _ray_data(cfg_json)
+
+
+def check_ray_address(address: str | None) -> None:
+    """RAY_ADDRESS host:port where nothing answers is one line within seconds (ray.init would wait for minutes)."""
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"RAY_ADDRESS={address}: expected host:port (or ray://host:port, auto)")
+    try:
+        socket.create_connection((host, int(port)), timeout=RAY_CONNECT_SECONDS).close()
+    except OSError as exc:
+        raise UserError(
+            f"RAY_ADDRESS={address}: no Ray cluster answers there ({exc.strerror or exc}); "
+            "unset RAY_ADDRESS to start a local Ray"
+        ) from None
+
+
+def _user_error(ray: Any, exc: BaseException) -> UserError | None:
+    """The UserError a Ray task raised (a dataset not there, ...), to raise here as the serial path does."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(cause, UserError) else None
 
 
 class RayRunner(TrialRunner):
@@ -239,16 +295,23 @@ class RayRunner(TrialRunner):
         self.ray = import_ray()
         self.started = not self.ray.is_initialized()
         if self.started:  # joins RAY_ADDRESS when it is set, else starts a local instance on this machine's cores
+            check_ray_address(os.environ.get("RAY_ADDRESS"))
             self.ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
         self.cfg_json = cfg.model_dump(mode="json")
         self.threads = threads or 1
-        gpus = cfg.device.startswith("cuda") or (
-            cfg.device == "auto" and self.ray.cluster_resources().get("GPU", 0) > 0
-        )
         self.cancelled: list = []  # the tasks cancelled by an interruption
-        self.task = self.ray.remote(_ray_trial).options(
-            num_cpus=self.threads, num_gpus=1 if gpus else 0, max_retries=1, retry_exceptions=True
-        )
+        try:
+            gpus = cfg.device.startswith("cuda") or (
+                cfg.device == "auto" and self.ray.cluster_resources().get("GPU", 0) > 0
+            )
+            resources = {"num_cpus": self.threads, "num_gpus": 1 if gpus else 0}
+            self.task = self.ray.remote(_ray_trial).options(**resources, max_retries=1, retry_exceptions=True)
+            self.ray.get(self.ray.remote(_ray_ready).options(**resources, max_retries=0).remote(self.cfg_json))
+        except BaseException as exc:
+            self.close()
+            if (error := _user_error(self.ray, exc)) is not None:
+                raise error from None
+            raise
 
     def run(self, plan: Plan) -> list[History]:
         ray = self.ray
@@ -265,6 +328,8 @@ class RayRunner(TrialRunner):
                 try:
                     history = ray.get(done[0])
                 except ray.exceptions.RayError as exc:  # failed twice, or its worker or node lost twice
+                    if (error := _user_error(ray, exc)) is not None:
+                        raise error from None  # the others are cancelled below
                     history = History(status="failed", error=_first_line(exc))
                 results[i] = history
                 spec, seed = plan[i]
