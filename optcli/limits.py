@@ -16,6 +16,9 @@ MAX_SUMMARY_BYTES = 256_000_000  # summary.json holds every trial's per-epoch hi
 MAX_CHECKPOINT_BYTES = 16_000_000_000  # last.pt holds the model and optimizer state (checked again for memory)
 MAX_YAML_DEPTH = 64  # nesting levels of mappings and lists
 MAX_YAML_NODES = 100_000  # scalars, mappings and lists, counted with every alias expanded
+# trials of one comparison (optimizers x (seeds + tuning budget)): each is a record in summary.json, so that a
+# comparison's files stay far below MAX_SUMMARY_BYTES and its bookkeeping (and a stop) stays quick
+MAX_TRIALS = 10_000
 
 _KINDS = {
     stat.S_ISDIR: "a directory",

@@ -201,3 +201,17 @@ def test_trials_that_failed_give_a_status_and_an_exit_code(ok, status, code, tmp
     summary = strict_loads((tmp_path / "runs" / "c" / "summary.json").read_text())
     assert summary["status"] == status
     assert [t["status"] for t in summary["trials"]] == ["completed"] * ok + ["failed"] * (2 - ok)
+
+
+def test_a_stop_costs_the_work_done_not_the_epochs_asked(tmp_path):
+    args = ["compare", "sgd", "adam", "--seeds", "1", "--epochs", "1000000000000000", "--set", "data.samples=32"]
+    proc = _start(["-m", "optcli", *args, "--set", "name=c"], tmp_path)
+    _wait_for_handler(proc, signal.SIGTERM)
+    time.sleep(2)  # the first trial is under way
+    stopped = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "Traceback" not in out, out
+    assert time.monotonic() - stopped < 15  # was: still running 30 s later (curves over range(epochs))
+    summary = (tmp_path / "runs" / "c" / "summary.json").read_bytes()
+    assert len(summary) < 1_000_000 and strict_loads(summary)["epochs"] == 10**15

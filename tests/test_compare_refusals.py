@@ -93,3 +93,10 @@ def test_an_unreachable_ray_cluster_is_one_line_at_once(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")  # the discard port: nothing answers
     result = cli("compare", "sgd", "--seeds", "1", "--epochs", "1", "--backend", "ray")
     assert_user_error(result, "error: RAY_ADDRESS=127.0.0.1:9: no Ray cluster answers there", tmp_path)
+
+
+def test_a_comparison_is_bounded_in_trials_so_its_summary_stays_readable(tmp_path):
+    result = cli("compare", "sgd", "adam", "--seeds", "1000000")
+    assert_user_error(
+        result, "error: --seeds: 2 optimizer(s) x (1000000 seeds) = 2000000 trials, over the limit of 10000", tmp_path
+    )

@@ -46,6 +46,7 @@ from optcli.engine.optimizers import (
     signature_defaults,
 )
 from optcli.errors import RunInterrupted, UserError
+from optcli.limits import MAX_TRIALS
 from optcli.rundir import signals
 from optcli.rundir.files import create_run_dir
 from optcli.rundir.preflight import preflight
@@ -127,12 +128,26 @@ def prepare(cfg: Config, spec_texts: list[str], options: CompareOptions, *, targ
     """Every check of a comparison on one task: the specs, the seeds, the target, the tuning (its spaces and
     storage), the preflight every command makes and whether the data is there."""
     specs = parse_specs(spec_texts, shared=cfg.optimizer)
+    check_trials(len(specs), options)
     check_seed(cfg.seed + options.seeds - 1, f"--seeds {options.seeds} from seed {cfg.seed}: the last seed")
     goal = check_target(cfg, target) if target is not None else None
     if options.tuning:
         check_tuning(cfg, specs, options)
     device = preflight(cfg, optimizers={f"optimizer spec '{s.label}'": resolve_optimizer(s.name) for s in specs})
     return Prepared(specs, [cfg.seed + i for i in range(options.seeds)], goal, device)
+
+
+def check_trials(n_specs: int, options: CompareOptions) -> None:
+    """At most MAX_TRIALS trials in one comparison (limits.py): every one is a record in summary.json."""
+    budget = options.tune_budget if options.tuning else 0
+    trials = n_specs * (options.seeds + budget)
+    if trials > MAX_TRIALS:
+        asked = f"{n_specs} optimizer(s) x ({options.seeds} seeds" + (f" + {budget} tuning trials)" if budget else ")")
+        flag = "--seeds" if options.seeds * n_specs > MAX_TRIALS or not budget else "--seeds/--tune-budget"
+        raise UserError(
+            f"{flag}: {asked} = {trials} trials, over the limit of {MAX_TRIALS} per comparison "
+            "(each is a record in summary.json); run fewer, or several comparisons"
+        )
 
 
 def check_tuning(cfg: Config, specs: list[OptimizerSpec], options: CompareOptions) -> None:
