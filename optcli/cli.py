@@ -152,7 +152,7 @@ def train(
     print_config_: bool = PrintConfigOpt,
     json_out: bool = JsonOpt,
 ) -> None:
-    """Train the MLP with any optimizer.
+    """Train the MLP (or your own model) with any optimizer.
 
     Example: optcli train --config configs/mnist_mlp.yaml --set optimizer.lr=3e-4
     """
