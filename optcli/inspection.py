@@ -12,6 +12,7 @@ from torch import nn
 
 from optcli.config import Config, optimizer_config, validate
 from optcli.engine.build import build_task_model, seed_torch, torch_settings
+from optcli.engine.feasibility import check_memory
 from optcli.engine.loop import make_loss
 from optcli.engine.optimizers import (
     build_optimizer,
@@ -298,8 +299,13 @@ def _inspect(
     step: bool,
 ) -> Inspection:
     source = f"checkpoint {checkpoint}" if checkpoint is not None else "config"
+    in_features, out_features = task_shape(cfg.data)
+    if not cfg.model.is_user_model:  # refused in one line, as train does, rather than by the allocator
+        check_memory(
+            cfg, n_train=cfg.data.batch_size, in_features=in_features, out_features=out_features, device=device
+        )
     seed_torch(cfg.seed)
-    model = build_task_model(cfg, *task_shape(cfg.data)).to(device)
+    model = build_task_model(cfg, in_features, out_features).to(device)
     optimizer = build_optimizer(model, cfg.optimizer, device, fused=cfg.train.fused)
     notes = []
     if ckpt is not None:

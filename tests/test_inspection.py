@@ -8,7 +8,7 @@ from optcli.config import load_config
 from optcli.engine.model import build_model
 from optcli.engine.optimizers import build_optimizer
 from optcli.inspection import check_linkage, inspect_params
-from tests.conftest import cli
+from tests.conftest import assert_user_error, cli
 
 
 def test_frozen_parameters_show_and_are_not_trainable():
@@ -106,3 +106,9 @@ def test_a_file_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "y.pt")
     result = cli("inspect-params", "--checkpoint", tmp_path / "y.pt")
     assert result.exit_code == 2 and "not an optcli checkpoint" in result.output
+
+
+def test_a_model_too_big_for_memory_is_one_line_not_the_allocators_traceback(tmp_path):
+    result = cli("inspect-params", "--set", "model.hidden=[1000000000,10]")
+    assert_user_error(result, "error: model: needs about", tmp_path)
+    assert "more than the" in result.output and "make model.hidden smaller" in result.output
