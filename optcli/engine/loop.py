@@ -7,11 +7,12 @@ read back once at its end, so the loop never waits on a host sync per step.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -203,13 +204,16 @@ def train_one_epoch(
     set_mode(step.optimizer, training=True)  # schedule-free optimizers switch with the model
     step.optimizer.zero_grad(set_to_none=True)
     losses = []
-    for i, (x, y) in enumerate(batches):
-        last = (i + 1) % step.accumulate == 0 or i + 1 == n_batches
-        losses.append(step(x, y, last=last))
-        if last and on_step is not None:
-            on_step()
-        if on_batch is not None:
-            on_batch(i + 1, n_batches)
+    batch_iter = iter(batches)
+    # closed on any exit (a generator's close()): a streamed split's DataLoader ends its workers now, not at exit
+    with contextlib.closing(batch_iter) if isinstance(batch_iter, Generator) else contextlib.nullcontext():
+        for i, (x, y) in enumerate(batch_iter):
+            last = (i + 1) % step.accumulate == 0 or i + 1 == n_batches
+            losses.append(step(x, y, last=last))
+            if last and on_step is not None:
+                on_step()
+            if on_batch is not None:
+                on_batch(i + 1, n_batches)
     return step.settings.dist.all_reduce_sum(torch.stack(losses, dim=-1).float())
 
 

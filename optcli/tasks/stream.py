@@ -8,8 +8,9 @@ order, and the same batches as the in-memory path, whatever data.num_workers is.
 
 from __future__ import annotations
 
+import contextlib
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, cast
 
 import numpy as np
@@ -72,7 +73,8 @@ class StreamInputs:
 
     def __getitem__(self, key: slice | torch.Tensor) -> torch.Tensor:
         idx = torch.arange(len(self._split))[key] if isinstance(key, slice) else key.cpu()
-        chunks = [x for x, _ in self._split.load(list(idx.split(LOAD_BATCH)))]
+        with contextlib.closing(self._split.load(list(idx.split(LOAD_BATCH)))) as loaded:  # its workers end here
+            chunks = [x for x, _ in loaded]
         return torch.cat(chunks) if chunks else torch.empty(0, self._split.n_in, device=self.device)
 
 
@@ -98,7 +100,7 @@ class StreamSplit(Split):
     def to(self, device: torch.device) -> StreamSplit:
         return StreamSplit(self.dataset, self.indices, self.y.to(device), n_in=self.n_in, num_workers=self.num_workers)
 
-    def load(self, groups: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def load(self, groups: list[torch.Tensor]) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
         """The batches of samples at positions `groups` (of this split), on the split's device."""
         if not groups:
             return
