@@ -224,6 +224,14 @@ def test_a_run_stopped_by_a_signal_resumes_exactly(tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+def _cmdline(pid: int) -> str:
+    """A process's command line, empty once it has exited (a short-lived child may end between listing and reading)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
@@ -258,9 +266,7 @@ def test_parallel_compare_ends_its_workers_and_marks_their_trials(tmp_path, sig)
     ]
     proc = _start(args, tmp_path, start_new_session=True)
     deadline = time.monotonic() + 60
-    while (
-        len(workers := [p for p in _children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]) < 2
-    ):
+    while len(workers := [p for p in _children(proc.pid) if "spawn_main" in _cmdline(p)]) < 2:
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.1)
     time.sleep(3)  # the workers load their data and start training
