@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from optcli.engine.distributed import SINGLE, Dist
 from optcli.engine.loop import train_one_epoch
-from optcli.engine.stepping import PlainStep, StepSettings
+from optcli.engine.stepping import ClosureStep, PlainStep, StepSettings
 
 BATCHES, BATCH, ACCUMULATE = 8, 4, 4  # two optimizer steps of four micro-batches each
 LR = 2.0**-8  # a power of two: the weights stay on a coarse binary grid, so later gradients are exact too
@@ -99,3 +99,60 @@ def test_one_all_reduce_per_step_on_two_ranks(tmp_path):
         result = torch.load(f"{out}.{rank}", weights_only=True)
         assert result["calls"] == BATCHES // ACCUMULATE
         _assert_global_batch_gradients(result["grads"])
+
+
+def _closure_run(dist: Dist, model: nn.Module, inner: nn.Module, reduction: str) -> tuple[list, list]:
+    """LBFGS over the integer batches through ClosureStep: (the gradients it read at each evaluation, the losses
+    the closure handed it)."""
+    optimizer = torch.optim.LBFGS(inner.parameters(), lr=LR, max_iter=3, history_size=2)
+    grads: list[list[torch.Tensor]] = []
+    losses: list[float] = []
+    step = ClosureStep(model, optimizer, nn.MSELoss(reduction=reduction), StepSettings(reduction=reduction, dist=dist))
+    original = step.optimizer.step
+
+    def recording_step(closure):
+        def recorded():
+            loss = closure()
+            grads.append([p.grad.clone() for p in inner.parameters()])
+            losses.append(float(loss.detach()))
+            return loss
+
+        return original(recorded)
+
+    step.optimizer.step = recording_step  # type: ignore[method-assign]
+    for x, y in _data()[:3]:
+        step(x, y, last=True)
+    return grads, losses
+
+
+def _closure_rank(rank: int, world: int, init_file: str, out: str) -> None:
+    td.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        inner = _model()
+        # under torchrun make_loss sums each rank's loss over its shard; loss_weight turns that into the global one
+        result = _closure_run(Dist(rank=rank, world=world), DistributedDataParallel(inner), inner, "sum")
+    finally:
+        td.destroy_process_group()
+    torch.save({"grads": result[0], "losses": result[1]}, f"{out}.{rank}")
+
+
+@pytest.mark.slow
+def test_closure_optimizer_on_two_ranks_reads_the_global_batch(tmp_path):
+    # LBFGS under DDP: the closure's gradient and loss are those of the global batch on every rank (before, the
+    # gradient lacked loss_weight and each rank's line search read its own shard's loss)
+    out = str(tmp_path / "closure")
+    mp.spawn(_closure_rank, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    inner = _model()
+    want_grads, want_losses = _closure_run(SINGLE, inner, inner, "sum")
+    results = [torch.load(f"{out}.{rank}", weights_only=True) for rank in (0, 1)]
+    assert results[0]["losses"] == results[1]["losses"]  # one line search on every rank: the same values, exactly
+    # The first evaluations are integer arithmetic, exact in float32 in any order. LBFGS's later iterates are not:
+    # two shard sums added differ from one sum by a few float32 roundings (2**-24 relative each), compounded over
+    # 3 steps of up to 3 iterations; 1e-4 is far above that and far below the factor 2 the missing weight gave.
+    assert results[0]["losses"][:2] == want_losses[:2]
+    assert results[0]["losses"] == pytest.approx(want_losses, rel=1e-4)
+    for result in results:
+        assert len(result["grads"]) == len(want_grads)
+        for got, want in zip(result["grads"], want_grads, strict=True):
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * float(w.abs().max()))

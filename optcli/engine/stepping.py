@@ -232,19 +232,27 @@ class ClosureStep(PlainStep):
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, *, last: bool) -> torch.Tensor:
         s = self.settings
-        x, y = s.dist.shard(x), s.dist.shard(y)
+        x, y, n_global = s.dist.shard(x), s.dist.shard(y), len(x)
+        weight = loss_weight(s.dist, n_global, s.reduction)
+        first: list[torch.Tensor] = []  # this rank's loss at the weights before the step, for the epoch's sums
 
         def closure() -> torch.Tensor:
             self.optimizer.zero_grad(set_to_none=True)
             with autocast(s.precision, x.device.type):
                 loss = self.loss_fn(self.model(x), y)
-            loss.backward()
+            (loss * weight).backward()
             if s.grad_clip is not None:  # every gradient the optimizer reads is the clipped one
                 nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip, foreach=True)
-            return loss
+            if not first:
+                first.append(loss.detach())
+            if not s.dist.enabled:
+                return loss
+            # the global batch's loss on every rank: LBFGS's line search and stopping tests read it, and ranks
+            # that saw different values would take different steps
+            return s.dist.all_reduce_sum((loss * weight).detach()) / s.dist.world
 
-        loss = step_with_closure(self.optimizer, closure)
-        return sample_sum(loss.detach(), len(x), self.loss_fn.reduction)
+        step_with_closure(self.optimizer, closure)
+        return sample_sum(first[0], len(x), self.loss_fn.reduction)
 
 
 def make_step(
