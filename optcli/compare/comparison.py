@@ -332,6 +332,7 @@ def build(cfg: Config, prepared: Prepared, options: CompareOptions, ran: Ran, *,
         status=ending(ran),
         interrupted_by=signal.Signals(ran.stopped).name if ran.stopped is not None else None,
         wall_seconds=time.perf_counter() - started,
+        warnings=list(ran.tuned.warnings) if ran.tuned else [],  # tuning trials left running by a dead process
     )
 
 

@@ -28,13 +28,25 @@ import difflib
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeGuard
 
 from optcli.compare.options import CompareOptions
 from optcli.compare.runners import OptimizerSpec, TrialRunner, TrialsInterrupted
-from optcli.compare.studies import counted_trials, open_storage, open_study, tell
+from optcli.compare.studies import (
+    POLL_SECONDS,
+    Store,
+    ask,
+    counted_trials,
+    fail_stale,
+    heartbeats,
+    open_storage,
+    open_study,
+    settled,
+    tell,
+)
 from optcli.config import Config, optimizer_config
 from optcli.engine.loop import History
 from optcli.engine.optimizers import resolve_optimizer, signature_defaults
@@ -215,6 +227,7 @@ class Tuned:
     histories: list[History]  # of the trials run here
     specs: list[OptimizerSpec]  # each with its winning setting (its own where no trial finished, or when stopped)
     stopped: int | None = None  # the stop signal that ended the tuning: its record holds the trials finished
+    warnings: list[str] = field(default_factory=list)  # trials left running by a process that ended, ...
 
 
 def tune(
@@ -243,8 +256,9 @@ def tune(
         s.label: search_space(s, overrides=overrides, lr_only=lr_only, lr_centre=centres.get(s.label)) for s in specs
     }
     names = {s.label: study_name(s, spaces[s.label], budget=budget, seed=seed, task=task) for s in specs}
-    storage = open_storage(options.tune_storage, run_dir)
-    studies, asked, histories, stopped = _run_trials(specs, spaces, names, storage, budget, seed, runner)
+    run = _Rounds(open_storage(options.tune_storage, run_dir), budget, seed)
+    run.run(specs, spaces, names, runner)
+    stopped = run.stopped
     record: dict[str, Any] = {
         "budget": budget,
         "seed": seed,
@@ -257,61 +271,97 @@ def tune(
         **({"status": "interrupted"} if stopped is not None else {}),
     }
     tuned = []
-    for spec in (s for s in specs if s.label in studies):
-        settled, winner = _settle(spec, studies[spec.label], spaces[spec.label], budget, wait=stopped is None)
-        mine = [h for (s, _), h in zip(asked, histories, strict=True) if s.label == spec.label]
+    for spec in (s for s in specs if s.label in run.studies):
+        entry, winner = _settle(spec, run.studies[spec.label], spaces[spec.label], budget)
+        mine = [h for (s, _), h in zip(run.asked, run.histories, strict=True) if s.label == spec.label]
         found = (lr_find or {}).get(spec.label)
         # the optimizer steps this machine spent tuning it: every trial's, plus its range test's allotment
-        settled["cost_steps"] = sum(h.epochs[-1].steps for h in mine if h.epochs) + (found["steps"] if found else 0)
+        entry["cost_steps"] = sum(h.epochs[-1].steps for h in mine if h.epochs) + (found["steps"] if found else 0)
         if found:
-            settled["lr_find"] = found
-        record["optimizers"][spec.label] = settled
+            entry["lr_find"] = found
+        record["optimizers"][spec.label] = entry
         tuned.append(replace(spec, kwargs=winner) if winner is not None else spec)
-    return Tuned(record, histories, tuned if stopped is None else specs, stopped)
+    return Tuned(record, run.histories, tuned if stopped is None else specs, stopped, run.warnings)
 
 
-def _run_trials(
-    specs: list[OptimizerSpec],
-    spaces: dict[str, list[Dimension]],
-    names: dict[str, str],
-    storage: Any,
-    budget: int,
-    seed: int,
-    runner: TrialRunner,
-) -> tuple[dict, list, list[History], int | None]:
-    """Open each study, ask this machine's trials, run them and tell the results: (studies, asked trials, their
-    histories, the stop signal or None). Asking and telling are never cut by a signal, so that no trial is left
-    RUNNING in a study; a signal while trials run marks the unfinished ones interrupted."""
-    studies: dict[str, Any] = {}
-    asked: list[tuple[OptimizerSpec, Any]] = []
-    histories: list[History] | None = None
-    stopped = None
-    try:
-        for spec in specs:
+class _Rounds:
+    """The trials of every study, in rounds: fail the trials left running by a dead process, ask this machine's
+    trials, run them with heartbeats and tell the results; with none to ask, wait for other machines' trials
+    until every study has its budget settled. Asking and telling are never cut by a signal, so that no trial is
+    left RUNNING in a study; a signal while trials run marks the unfinished ones interrupted and ends the rounds."""
+
+    def __init__(self, store: Store, budget: int, seed: int):
+        self.store, self.budget, self.seed = store, budget, seed
+        self.studies: dict[str, Any] = {}
+        self.asked: list[tuple[OptimizerSpec, Any]] = []  # every trial run here, in order
+        self.histories: list[History] = []  # theirs
+        self.warnings: list[str] = []
+        self.stopped: int | None = None
+
+    def run(
+        self,
+        specs: list[OptimizerSpec],
+        spaces: dict[str, list[Dimension]],
+        names: dict[str, str],
+        runner: TrialRunner,
+    ) -> None:
+        try:
             with signals.held():
-                studies[spec.label], trials = open_study(
-                    names[spec.label], spaces[spec.label], storage, budget=budget, seed=seed
+                for spec in specs:
+                    self.studies[spec.label] = open_study(
+                        names[spec.label], spaces[spec.label], self.store, seed=self.seed
+                    )
+            while self.stopped is None:
+                if not self._round(specs, spaces, runner):
+                    if all(settled(study, self.budget) for study in self.studies.values()):
+                        return
+                    time.sleep(min(POLL_SECONDS, self.store.beat))  # other machines' trials: a result or no beat
+        except KeyboardInterrupt as exc:  # while opening the studies or waiting for other machines' trials
+            self.stopped = signals.signum_of(exc)
+
+    def _round(self, specs: list[OptimizerSpec], spaces: dict[str, list[Dimension]], runner: TrialRunner) -> bool:
+        """One round; False when there was nothing to ask."""
+        batch: list[tuple[OptimizerSpec, Any]] = []
+        histories = None
+        try:
+            with signals.held():
+                for spec in specs:
+                    self._fail_stale(spec)
+                    trials = ask(self.studies[spec.label], spaces[spec.label], budget=self.budget)
+                    batch += [(spec, trial) for trial in trials]
+            if not batch:
+                return False
+            with heartbeats(self.store, [(self.studies[s.label], t) for s, t in batch]):
+                histories = runner.run(
+                    [(OptimizerSpec(s.label, s.name, kwargs_at(s, t.params)), self.seed) for s, t in batch]
                 )
-                asked += [(spec, trial) for trial in trials]
-        plan = [(OptimizerSpec(s.label, s.name, kwargs_at(s, t.params)), seed) for s, t in asked]
-        histories = runner.run(plan)
-    except TrialsInterrupted as exc:
-        histories, stopped = exc.histories, exc.signum
-    except KeyboardInterrupt as exc:  # between the studies being opened and the trials starting
-        stopped = signals.signum_of(exc)
-    histories = histories or [History(status="interrupted") for _ in asked]
-    with signals.held():
-        for (spec, trial), history in zip(asked, histories, strict=True):
-            tell(studies[spec.label], trial, history, _score(history))
-    return studies, asked, histories, stopped
+        except TrialsInterrupted as exc:
+            histories, self.stopped = exc.histories, exc.signum
+        except KeyboardInterrupt as exc:  # between the asking and the trials starting
+            self.stopped = signals.signum_of(exc)
+        histories = histories or [History(status="interrupted") for _ in batch]
+        with signals.held():
+            for (spec, trial), history in zip(batch, histories, strict=True):
+                if not tell(self.studies[spec.label], trial, history, _score(history)):
+                    self.warnings.append(
+                        f"tuning trial {trial.number} of {spec.label} was failed by another process (no heartbeat "
+                        f"from here for {self.store.grace} s): its result is not counted"
+                    )
+            self.asked += batch
+            self.histories += histories
+        return True
+
+    def _fail_stale(self, spec: OptimizerSpec) -> None:
+        for number in fail_stale(self.studies[spec.label], self.store):
+            self.warnings.append(
+                f"tuning trial {number} of {spec.label} was left running by a process that ended (no heartbeat "
+                f"for {self.store.grace} s): marked failed and run again"
+            )
 
 
-def _settle(
-    spec: OptimizerSpec, study, space: list[Dimension], budget: int, *, wait: bool = True
-) -> tuple[dict, dict[str, Any] | None]:
-    """The record of the first `budget` trials, and the winner's keywords (None when no trial finished); without
-    `wait`, of those finished now."""
-    trials = counted_trials(study, budget, wait=wait)
+def _settle(spec: OptimizerSpec, study, space: list[Dimension], budget: int) -> tuple[dict, dict[str, Any] | None]:
+    """The record of the first `budget` trials finished, and the winner's keywords (None when none finished)."""
+    trials = counted_trials(study, budget)
     rows = [
         {
             "number": t.number,
