@@ -16,7 +16,7 @@ from optcli.compare.stats import Target
 from optcli.config import DataConfig, read_yaml
 from optcli.engine.loop import EpochMetrics, History
 from optcli.errors import UserError
-from optcli.limits import MAX_SUMMARY_BYTES, read_bounded
+from optcli.limits import MAX_SUMMARY_BYTES, MAX_TRIALS, read_bounded
 from optcli.rundir import signals
 from optcli.rundir.files import RunLock, check_run_name, create_run_dir
 from optcli.rundir.provenance import differences
@@ -54,6 +54,7 @@ def merge_comparisons(run_dirs: list[str], *, out_dir: str = "runs", name: str |
     if name is not None:
         check_run_name(name, "--name")
     summaries = [_read(Path(d)) for d in run_dirs]
+    _check_size(run_dirs, [summary for summary, _ in summaries])
     first, config = summaries[0]
     specs = [OptimizerSpec(s["label"], s["name"], s["kwargs"], s.get("groups", [])) for s in first["specs"]]
     trials: list[Trial] = []
@@ -92,6 +93,17 @@ def merge_comparisons(run_dirs: list[str], *, out_dir: str = "runs", name: str |
     with RunLock(out_path), signals.stop_on_signals(), signals.held():
         figures = write_comparison(config_yaml, comparison, out_path)
     return dataclasses.replace(comparison, warnings=[*comparison.warnings, *figures]) if figures else comparison
+
+
+def _check_size(run_dirs: list[str], summaries: list[dict]) -> None:
+    """The merged comparison is bound by the limit of one comparison's trials (limits.py), as one run is."""
+    counts = [len(s["trials"]) for s in summaries]
+    if sum(counts) > MAX_TRIALS:
+        parts = " + ".join(f"{d} ({n} trials)" for d, n in zip(run_dirs, counts, strict=True))
+        raise UserError(
+            f"merge: {parts} = {sum(counts)} trials, over the limit of {MAX_TRIALS} per comparison "
+            "(each is a record in summary.json); merge fewer parts"
+        )
 
 
 def _check_alike(run_dir: str, summary: dict, first_dir: str, first: dict, config: dict) -> None:
