@@ -98,7 +98,7 @@ def report_error(exc: UserError | RunInterrupted | OSError) -> int:
         typer.echo(f"error: {exc}", err=True)
         return exc.exit_code
     if isinstance(exc, RunInterrupted):
-        typer.echo(f"\n{exc}", err=True)
+        typer.echo("".join(f"\nwarning: {w}" for w in exc.warnings) + f"\n{exc}", err=True)
         return exc.exit_code
     _drop_stdout()  # nothing more goes to a closed pipe or a full device
     if isinstance(exc, BrokenPipeError):  # the reader went away (optcli ... | head -1): end quietly, as Rich does

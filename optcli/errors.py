@@ -25,9 +25,12 @@ class SystemRefused(UserError):
 class RunInterrupted(Exception):
     """Ctrl-C or another stop signal, after what was finished was saved (exit code 128 + the signal)."""
 
-    def __init__(self, run_dir: str | None, signum: int = 2, *, saved: str | None = None):
+    def __init__(
+        self, run_dir: str | None, signum: int = 2, *, saved: str | None = None, warnings: list[str] | None = None
+    ):
         import signal
 
+        self.warnings = list(warnings or [])  # lines to show before this one (a figure that could not be drawn)
         self.signal_name = signal.Signals(signum).name
         self.exit_code = 128 + signum
         self.run_dir = run_dir

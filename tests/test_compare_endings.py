@@ -158,7 +158,38 @@ def test_a_tuning_plot_that_cannot_be_drawn_is_a_warning_and_the_run_stands(tmp_
     assert {"summary.json", "metrics.csv", "tuning.csv", "loss.png", "report.html"} <= {
         p.name for p in run_dir.iterdir()
     }
-    assert strict_loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    summary = strict_loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    (warning,) = summary["warnings"]
+    assert warning.startswith("tuning.png not drawn (OverflowError:") and warning in text
+
+
+@pytest.mark.parametrize(
+    "ending, code",
+    [("completed", 0), ("interrupted", 143), ("failed", 1)],
+)
+def test_every_ending_prints_and_records_the_figures_not_drawn(ending, code, tmp_path, monkeypatch):
+    import optcli.report.plots as plots
+
+    def broken(comparison, path):
+        raise ValueError("Data cannot be log-scaled\nsecond line")
+
+    monkeypatch.setattr(plots, "save_loss_plot", broken)
+    make_runner = comparison_module.make_runner
+    runners = {"interrupted": lambda inner: StopAfter(inner, 1), "failed": lambda inner: Failing(inner, 0)}
+    if ending in runners:
+        monkeypatch.setattr(comparison_module, "make_runner", lambda *a, **k: runners[ending](make_runner(*a, **k)))
+    small = [a for item in SMALL for a in ("--set", item)]
+    result = cli("compare", "sgd", "adam", "--seeds", "1", *small, "--set", "name=c")
+    assert result.exit_code == code, result.output
+    warning = "loss.png not drawn (ValueError: Data cannot be log-scaled)"
+    lines = result.output.splitlines()
+    assert f"warning: {warning}" in lines and "Traceback" not in result.output
+    if ending == "interrupted":  # the warning, then the line that says how it ended
+        assert lines[-1].startswith("interrupted by SIGTERM; 1 of 2 trials finished")
+    summary = strict_loads((tmp_path / "runs" / "c" / "summary.json").read_text())
+    assert summary["status"] == ending and summary["warnings"] == [warning]
+    assert (tmp_path / "runs" / "c" / "metrics.csv").is_file() and not (tmp_path / "runs" / "c" / "loss.png").exists()
 
 
 def test_a_train_plot_that_cannot_be_drawn_is_a_warning(tmp_path, monkeypatch):

@@ -247,7 +247,8 @@ def raise_if_interrupted(comparison: Comparison) -> None:
             f"tuning stopped after {len(rows)} finished tuning trials (kept in the study; the interrupted ones "
             f"are marked failed and run again by the same command); {saved}"
         )
-    raise RunInterrupted(comparison.run_dir, signal.Signals[comparison.interrupted_by], saved=saved)
+    signum = signal.Signals[comparison.interrupted_by]
+    raise RunInterrupted(comparison.run_dir, signum, saved=saved, warnings=comparison.warnings)
 
 
 def run_trials(

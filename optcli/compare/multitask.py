@@ -147,7 +147,8 @@ def run_compare(
     if stopped is not None:
         done = sum(c.status != "interrupted" for _, c in tasks)
         saved = f"{done} of {len(cfgs)} tasks finished, saved in {parent}"
-        raise RunInterrupted(str(parent), stopped, saved=saved)
+        figures = [f"task {name}: {w}" for name, c in tasks for w in c.warnings] + result.warnings
+        raise RunInterrupted(str(parent), stopped, saved=saved, warnings=figures)
     return result
 
 
@@ -185,7 +186,8 @@ def _status(statuses: list[str]) -> str:
 
 
 def write_multitask(result: MultiTaskComparison, parent: Path) -> list[str]:
-    """summary.json, profile.png and report.html; a profile that cannot be drawn is a warning line (returned)."""
+    """summary.json, profile.png and report.html; a profile that cannot be drawn is a warning line (returned, and
+    in summary.json's warnings)."""
     write_json(parent / "summary.json", result.to_dict())
     warning = None
     if result.measures:
@@ -194,6 +196,8 @@ def write_multitask(result: MultiTaskComparison, parent: Path) -> list[str]:
 
         taus, rho = curve(result.measures)
         warning = drawn(parent / "profile.png", lambda p: save_profile_plot(taus, rho, p, measure=result.measure))
+    if warning:
+        write_json(parent / "summary.json", {**result.to_dict(), "warnings": [*result.warnings, warning]})
     from optcli.report.html import report_after_run
 
     report_after_run(parent)  # one page, a section per task; when it fails the CLI says there is none

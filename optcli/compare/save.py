@@ -33,6 +33,7 @@ def save_comparison(cfg: Config, comparison: Comparison, *, run_dir: Path | None
 
         if warning := report_after_run(run_dir):
             comparison = dataclasses.replace(comparison, warnings=[*comparison.warnings, warning])
+            write_summary(run_dir, comparison)
     return comparison
 
 
@@ -43,8 +44,13 @@ def comparison_config_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json", exclude={"optimizer"}), sort_keys=False)
 
 
+def write_summary(run_dir: Path, comparison: Comparison) -> None:
+    write_json(run_dir / "summary.json", {"format": FORMAT_VERSION, **comparison.to_dict()})
+
+
 def write_comparison(config_yaml: str, comparison: Comparison, run_dir: Path) -> list[str]:
-    """The files, then the figures: a figure that cannot be drawn is a warning line (returned), not a failure."""
+    """The files, then the figures: a figure that cannot be drawn is a warning line (returned, and in summary.json's
+    warnings), not a failure."""
     atomic_write_text(run_dir / "config.yaml", config_yaml + yaml_specs(comparison))
     target = Target(**comparison.target) if comparison.target else None
     rows = [
@@ -58,7 +64,7 @@ def write_comparison(config_yaml: str, comparison: Comparison, run_dir: Path) ->
         for e in t.history.epochs
     ]
     write_csv(run_dir / "metrics.csv", rows)
-    write_json(run_dir / "summary.json", {"format": FORMAT_VERSION, **comparison.to_dict()})
+    write_summary(run_dir, comparison)  # before the figures: whatever happens to them, the run has its status
     from optcli.report.plots import drawn, save_dynamics_plot, save_loss_plot  # matplotlib only when written
 
     figures = [("loss.png", lambda p: save_loss_plot(comparison, p))]
@@ -76,7 +82,10 @@ def write_comparison(config_yaml: str, comparison: Comparison, run_dir: Path) ->
         write_csv(run_dir / "tuning.csv", tuning_rows(comparison.tuning))
         tuning = comparison.tuning
         figures.append(("tuning.png", lambda p: save_tuning_plot(tuning, p)))
-    return [w for name, draw in figures if (w := drawn(run_dir / name, draw))]
+    warnings = [w for name, draw in figures if (w := drawn(run_dir / name, draw))]
+    if warnings:
+        write_summary(run_dir, dataclasses.replace(comparison, warnings=[*comparison.warnings, *warnings]))
+    return warnings
 
 
 def yaml_specs(comparison: Comparison) -> str:

@@ -85,6 +85,7 @@ class ComparisonSummaryFile(_Lenient):
     epochs: StrictInt = Field(gt=0)
     task: StrictStr
     trials: list[TrialEntry]
+    warnings: list[StrictStr] = []  # a figure that could not be drawn, a tuning trial run again, ...
 
 
 def _first_error(exc: ValidationError) -> str:
