@@ -337,8 +337,7 @@ class RayRunner(TrialRunner):
                     self.callbacks.on_trial_done(spec.label, seed, history)
         except BaseException as exc:
             self.cancelled = list(pending)
-            for ref in self.cancelled:
-                ray.cancel(ref, force=True)
+            _cancel(ray, self.cancelled)
             if isinstance(exc, KeyboardInterrupt):  # Ctrl-C or a stop signal: keep the finished trials
                 done_trials = {i: h for i, h in enumerate(results) if h is not None}
                 raise _interrupted(done_trials, plan, exc) from None
@@ -351,6 +350,23 @@ class RayRunner(TrialRunner):
     def close(self) -> None:
         if self.started:
             self.ray.shutdown()
+
+
+CANCEL_TRIES = 3  # a cancel that races a task's lease can be lost (Ray drops it): the task is cancelled again
+CANCEL_WAIT_SECONDS = 2.0  # how long each try waits for the cancelled tasks to end
+
+
+def _cancel(ray: Any, refs: list) -> None:
+    """Cancel `refs` (force: their workers are killed) and wait up to CANCEL_WAIT_SECONDS for them to end; the
+    ones still not ended are cancelled again, at most CANCEL_TRIES times in all, so that the interruption stays
+    within seconds and a task on an external cluster does not keep training."""
+    left = list(refs)
+    for _ in range(CANCEL_TRIES):
+        if not left:
+            return
+        for ref in left:
+            ray.cancel(ref, force=True)
+        _, left = ray.wait(left, num_returns=len(left), timeout=CANCEL_WAIT_SECONDS, fetch_local=False)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
