@@ -113,11 +113,11 @@ def test_resume_of_a_user_model_matches_one_go(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_compare_gives_every_optimizer_the_same_start_and_falls_back_from_vectorize(tmp_path):
+def test_compare_gives_every_optimizer_the_same_start_and_stacks_it_with_vectorize(tmp_path):
     result = cli("compare", "sgd", "adam", "-c", config(tmp_path), "--seeds", "2", "--vectorize", "--set", "name=c")
     assert result.exit_code == 0, result.output
     flat = " ".join(result.output.split())
-    assert "model.name usermodels:TwoLayer is a user's model; only the built-in MLP is stacked" in flat
+    assert "--vectorize: sgd stacks its 2 seeds through torch.func" in flat  # tests/test_vectorized_any_model.py
     summary = json.loads((tmp_path / "runs" / "c" / "summary.json").read_text())
     assert {(t["label"], t["seed"]) for t in summary["trials"]} == {(o, s) for o in ("sgd", "adam") for s in (0, 1)}
     assert all(t["status"] == "completed" for t in summary["trials"])

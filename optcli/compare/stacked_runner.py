@@ -14,12 +14,13 @@ from optcli.tasks import Data
 
 class StackedRunner(TrialRunner):
     """Runs a plan with the seeds of each optimizer spec stacked into one model where that is exact, and the
-    plain path (run_trial) where it is not; `notes` holds one line per spec that could not be stacked."""
+    plain path (run_trial) where it is not; `notes` holds one line per spec that could not be stacked, and one per
+    spec whose seeds a user's model stacks through torch.func."""
 
     def __init__(self, cfg: Config, data: Data, callbacks: TrialCallbacks | None = None):
         super().__init__(callbacks)
         self.cfg, self.data = cfg, data
-        self.notes: list[str] = []  # one line per optimizer whose seeds ran the plain path, and why
+        self.notes: list[str] = []  # one line per optimizer whose seeds ran the plain path (and why) or torch.func
 
     def run(self, plan: Plan) -> list[History]:
         groups: dict[str, tuple[OptimizerSpec, list[int]]] = {}
@@ -40,6 +41,8 @@ class StackedRunner(TrialRunner):
             reason = stacking_refusal(self.cfg, spec, self.data.train.x.device) if len(seeds) > 1 else "one seed"
             if reason is not None and len(seeds) > 1:
                 self.notes.append(f"--vectorize: {spec.label} runs its seeds one by one: {reason}")
+            elif reason is None and self.cfg.model.is_user_model:
+                self.notes.append(f"--vectorize: {spec.label} stacks its {len(seeds)} seeds through torch.func")
             if cb.on_trial_start:
                 for seed in seeds:
                     cb.on_trial_start(spec.label, seed)

@@ -24,11 +24,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from optcli.config import Config
-from optcli.engine.build import seed_torch
+from optcli.engine.build import build_task_model, seed_torch
 from optcli.engine.dynamics import Dynamics
+from optcli.engine.functional_stack import FunctionalStack, vmap_refusal
 from optcli.engine.loop import (
     EVAL_BATCH,
     History,
@@ -39,7 +41,7 @@ from optcli.engine.loop import (
     make_loss,
     train_one_epoch,
 )
-from optcli.engine.model import MLP, build_model, dropout_mask
+from optcli.engine.model import MLP, dropout_mask
 from optcli.engine.optimizers import (
     OptimizerSpec,
     build_optimizer,
@@ -91,8 +93,6 @@ def stacking_refusal(cfg: Config, spec: OptimizerSpec, device: torch.device) -> 
         return own_model
     if get_task(cfg.data).may_stream():
         return f"data.name {cfg.data.name} may be streamed from its Dataset (data.stream=false holds it in memory)"
-    if cfg.model.is_user_model:
-        return f"model.name {cfg.model.name} is a user's model; only the built-in MLP is stacked"
     if cls not in elementwise_optimizers():
         return f"{cls.__name__} is not on the elementwise list (optcli.engine.stacked.ELEMENTWISE)"
     if cfg.train.grad_clip is not None:
@@ -107,6 +107,8 @@ def stacking_refusal(cfg: Config, spec: OptimizerSpec, device: torch.device) -> 
         return "train.early_stopping ends each seed at its own epoch"
     if cfg.train.precision != "32":
         return f"train.precision {cfg.train.precision} rounds the stacked matmuls differently from the plain ones"
+    if cfg.model.is_user_model:
+        return vmap_refusal(cfg)
     if cfg.model.dropout > 0 and device.type != "cpu":
         return f"dropout masks on {device.type} come from one global generator, not one per seed"
     return None
@@ -168,7 +170,7 @@ class StackedMLP(nn.Sequential):
                 module.generators = self.generators
 
 
-def retire(model: StackedMLP, optimizer: torch.optim.Optimizer, keep: list[int]) -> None:
+def retire(model: StackedMLP | FunctionalStack, optimizer: torch.optim.Optimizer, keep: list[int]) -> None:
     """Remove the seeds not in `keep` from the model and from every per-entry optimizer state tensor (the same
     Parameter objects stay in the optimizer, with fewer slices), so a finished seed no longer moves."""
     index = torch.tensor(keep, device=next(model.parameters()).device)
@@ -197,7 +199,7 @@ class _SeedSlice:
 class _SeedView:
     """One seed of a StackedMLP as dynamics.Dynamics reads a model: named parameters, here its slices."""
 
-    def __init__(self, model: StackedMLP, slot: int):
+    def __init__(self, model: StackedMLP | FunctionalStack, slot: int):
         self.model, self.slot = model, slot
 
     def named_parameters(self):
@@ -220,13 +222,26 @@ class StackedStep(PlainStep):
     slice's gradient that of its own seed's loss; returns each seed's loss summed over the batch's samples."""
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, *, last: bool) -> torch.Tensor:
-        out = self.model(x)
-        per_seed = torch.stack([self.loss_fn(out[s], y[s]) for s in range(len(x))])
+        per_seed = per_seed_loss(self.loss_fn, self.model(x), y)
         self.backward(per_seed.sum() * self.scale)
         if last:
             self.step()
             self.optimizer.zero_grad(set_to_none=True)
         return sample_sum(per_seed.detach(), x.shape[1], self.loss_fn.reduction)
+
+
+# losses whose "mean" is the plain mean of their reduction="none" values (no class weights, no ignored targets)
+ELEMENTWISE_LOSSES = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.cross_entropy)
+
+
+def per_seed_loss(loss_fn: Loss, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each seed's loss over its batch, (seeds,): one call over all seeds' samples where the loss is a mean or sum
+    of per-sample values, one call per seed otherwise (their Python cost is a third of a small model's step)."""
+    fn, kwargs = getattr(loss_fn, "fn", None), getattr(loss_fn, "kwargs", {})
+    if fn in ELEMENTWISE_LOSSES and loss_fn.reduction in ("mean", "sum") and not {"weight", "ignore_index"} & {*kwargs}:
+        values = fn(out.flatten(0, 1), y.flatten(0, 1), reduction="none", **kwargs).view(len(out), -1)
+        return values.mean(dim=1) if loss_fn.reduction == "mean" else values.sum(dim=1)
+    return torch.stack([loss_fn(out[s], y[s]) for s in range(len(out))])
 
 
 def _batches(split: Split, batch_size: int, perms: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -242,7 +257,7 @@ def _batches(split: Split, batch_size: int, perms: torch.Tensor) -> Iterator[tup
 
 @torch.no_grad()
 def _evaluate(
-    model: StackedMLP, loss_fn: Loss, split: Split, seeds: int
+    model: StackedMLP | FunctionalStack, loss_fn: Loss, split: Split, seeds: int
 ) -> list[tuple[float, float | None, float | None]]:
     """loop.evaluate for every live seed: the same chunks, sums and order, per slice."""
     model.eval()
@@ -255,14 +270,17 @@ def _evaluate(
     return [averages(row, split) for row in sums.tolist()]
 
 
-def build_stacked_model(cfg: Config, data: Data, seeds: list[int]) -> StackedMLP:
-    """Each seed's model built as build_model_and_optimizer builds it (seed, then build), then stacked."""
+def build_stacked_model(cfg: Config, data: Data, seeds: list[int]) -> StackedMLP | FunctionalStack:
+    """Each seed's model built as build_model_and_optimizer builds it (seed, then build), then stacked: the MLP
+    as baddbmm layers, a user's model through torch.func."""
     device = data.train.x.device
     models = []
     for seed in seeds:
         seed_torch(seed)
-        models.append(build_model(cfg.model, data.in_features, data.out_features).to(device))
-    return StackedMLP(models, seeds).to(device)
+        models.append(build_task_model(cfg, data.in_features, data.out_features).to(device))
+    if cfg.model.is_user_model:
+        return FunctionalStack(models).to(device)
+    return StackedMLP(models, seeds).to(device)  # type: ignore[arg-type]
 
 
 class _Stack:
