@@ -63,15 +63,14 @@ class FunctionalStack(nn.Module):
 
     def keep(self, index: torch.Tensor) -> None:
         """Only the seeds at `index` go on (engine.stacked.retire removes their optimizer state)."""
-        from optcli.engine.stacked import take
 
         with torch.no_grad():
             for p in self.parameters():
-                p.data = take(p.data, index)
+                p.data = p.data[index]
             for module in self.modules():
                 for key, b in module._buffers.items():
                     if b is not None:
-                        module._buffers[key] = take(b, index)
+                        module._buffers[key] = b[index]
 
 
 def _swap(holder: nn.Module, original: nn.Module, stacked: dict[int, torch.Tensor]) -> None:

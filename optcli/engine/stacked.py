@@ -1,9 +1,10 @@
 """The seeds of one optimizer trained as one stacked model, where that computes what the plain path computes.
 
-Every parameter gets a leading seed dimension (fc1.weight: seeds x out x in), a Linear becomes one batched
-matmul (`torch.baddbmm`) over the seeds, and ONE optimizer steps the stacked tensors. The per-seed losses are
-summed before backward(), so the gradient of a seed's slice is the gradient of that seed's loss alone. That is
-the same update as training each seed apart exactly when the optimizer's update is elementwise: it reads each
+Every parameter gets a leading seed dimension (fc1.weight: seeds x in x out, each seed's weight transposed), a
+Linear of the built-in MLP becomes one batched matmul (`torch.baddbmm`) over the seeds, any other model (a user's)
+runs through torch.func (engine/functional_stack.py), and ONE optimizer steps the stacked tensors. The per-seed
+losses are summed before backward(), so the gradient of a seed's slice is the gradient of that seed's loss alone.
+That is the same update as training each seed apart exactly when the optimizer's update is elementwise: it reads each
 parameter entry's own gradient and state and nothing else (SGD, Adam, RMSprop, ...). Optimizers with per-tensor
 norms or trust ratios (LBFGS, Lamb/LARS, Muon, Adafactor) would mix the seeds and are never stacked.
 
@@ -95,8 +96,6 @@ def stacking_refusal(cfg: Config, spec: OptimizerSpec, device: torch.device) -> 
         return f"data.name {cfg.data.name} may be streamed from its Dataset (data.stream=false holds it in memory)"
     if cls not in elementwise_optimizers():
         return f"{cls.__name__} is not on the elementwise list (optcli.engine.stacked.ELEMENTWISE)"
-    if cfg.train.grad_clip is not None:
-        return "train.grad_clip clips each model's global gradient norm"
     if cfg.model.batch_norm:
         return "model.batch_norm keeps batch statistics per model"
     if cfg.scheduler is not None and issubclass(
@@ -167,19 +166,12 @@ class StackedMLP(nn.Sequential):
         """Only the seeds at `index` go on; the others' slices are dropped (see retire)."""
         with torch.no_grad():
             for p in self.parameters():
-                p.data = take(p.data, index)
+                p.data = p.data[index]
         kept = [self.generators[i] for i in index.tolist()]
         self.generators[:] = kept
         for module in self.modules():
             if isinstance(module, StackedDropout):
                 module.generators = self.generators
-
-
-def take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """t[index] in t's own memory layout: a fused optimizer steps a parameter and its state as flat memory, so both
-    keep the same strides (StackedLinear's weight is stored transposed)."""
-    out = torch.empty_like(t[: len(index)])
-    return out.copy_(t[index])
 
 
 def retire(model: StackedMLP | FunctionalStack, optimizer: torch.optim.Optimizer, keep: list[int]) -> None:
@@ -191,7 +183,7 @@ def retire(model: StackedMLP | FunctionalStack, optimizer: torch.optim.Optimizer
     for p, shape in old.items():
         for key, value in optimizer.state.get(p, {}).items():
             if isinstance(value, torch.Tensor) and value.shape == shape:
-                optimizer.state[p][key] = take(value, index)
+                optimizer.state[p][key] = value[index]
 
 
 class _SeedSlice:
@@ -240,6 +232,24 @@ class StackedStep(PlainStep):
             self.step()
             self.optimizer.zero_grad(set_to_none=True)
         return sample_sum(per_seed.detach(), x.shape[1], self.loss_fn.reduction)
+
+    def step(self) -> None:
+        if self.settings.grad_clip is not None:
+            clip_per_seed(self.model.parameters(), self.settings.grad_clip)
+        self.optimizer.step()
+
+
+@torch.no_grad()
+def clip_per_seed(params: Iterator[nn.Parameter], max_norm: float) -> None:
+    """nn.utils.clip_grad_norm_ for each seed's slices: each seed's global gradient norm (the norm of its
+    per-tensor norms, as torch takes it) clipped to max_norm, with torch's coefficient max_norm / (norm + 1e-6)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads])  # (tensors, seeds)
+    coef = (max_norm / (torch.linalg.vector_norm(norms, dim=0) + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
 
 
 # losses whose "mean" is the plain mean of their reduction="none" values (no class weights, no ignored targets)
