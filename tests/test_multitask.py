@@ -42,7 +42,7 @@ def _configs(tmp_path, tiny_mnist):
 
 def test_two_tasks_give_each_table_and_a_profile(tmp_path, tiny_mnist):
     reg, digits = _configs(tmp_path, tiny_mnist)
-    result = cli("compare", "sgd:lr=1e-4", "adam:lr=1e-3", "-c", reg, "-c", digits, "--json")
+    result = cli("compare", "sgd:lr=1e-4", "adam:lr=1e-3", "-c", reg, "-c", digits, "--seeds", "1", "--json")
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert [t["name"] for t in out["tasks"]] == ["reg", "digits"]
@@ -59,7 +59,7 @@ def test_two_tasks_give_each_table_and_a_profile(tmp_path, tiny_mnist):
     assert (run_dir / "profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {p.name for p in run_dir.iterdir() if p.is_dir()} == {"reg", "digits"}
     assert (run_dir / "digits" / "loss.png").is_file()
-    shown = cli("compare", "sgd:lr=1e-4", "adam:lr=1e-3", "-c", reg, "-c", digits)
+    shown = cli("compare", "sgd:lr=1e-4", "adam:lr=1e-3", "-c", reg, "-c", digits, "--seeds", "1")
     text = " ".join(shown.output.split())
     assert "task reg" in text and "task digits" in text and "Performance profile over 2 tasks" in text
 
