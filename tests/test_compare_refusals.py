@@ -1,6 +1,8 @@
 """compare's newer paths (tuning, several tasks) refuse what cannot run before anything is made: one line naming the
 flag, the file or the key, exit 2, and no run directory."""
 
+import json
+
 import pytest
 
 from tests.conftest import assert_user_error, cli
@@ -71,6 +73,11 @@ def test_a_2d_function_has_no_val_loss_for_a_target_early_stopping_or_tuning(ext
 def test_a_2d_function_keeps_its_train_loss_target(tmp_path):
     result = cli("compare", "sgd", *FUNCTION, "--target", "train_loss=100", "--json")
     assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["target"] == {"metric": "train_loss", "value": 100.0, "higher_is_better": False}
+    # the function starts below 100 (about 6.8 after one step), so the target is reached at the first epoch
+    row = summary["rows"][0]
+    assert (row["target_reached"], row["target_epoch"], row["target_steps"]) == (1, 1.0, 1.0)
 
 
 MISSING_MNIST = ["--set", "data.name=mnist", "--set", "data.root=nowhere", "--set", "data.download=false"]
