@@ -207,15 +207,7 @@ def compute_limit(n: int) -> tuple[float, float]:
     seconds = flops = 0.0
     for (m, k, p), count in matmul_shapes(n):
         a, b = torch.randn(m, k), torch.randn(k, p)
-        for _ in range(20):
-            torch.matmul(a, b)
-        reps, samples = max(20, int(2e9 / (2 * m * k * p))), []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                torch.matmul(a, b)
-            samples.append((time.perf_counter() - t0) / reps)
-        per_call = statistics.median(samples)
+        per_call = _hot_seconds(lambda a=a, b=b: torch.matmul(a, b))
         seconds += per_call * count
         flops += 2.0 * m * k * p * count
     return seconds, flops

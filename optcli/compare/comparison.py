@@ -56,7 +56,7 @@ from optcli.tasks.base import lacks_metric
 from optcli.tasks.registry import get_task
 from optcli.tasks.regression import loss_floor
 
-__all__ = ["Comparison", "Trial", "run_comparison", "prepare", "run_prepared", "parse_specs", "load_compare_config"]
+__all__ = ["Comparison", "Trial", "run_comparison", "prepare", "run_and_save", "parse_specs", "load_compare_config"]
 
 
 def load_compare_config(path: str | Path | None, overrides: list[str]) -> Config:
@@ -185,7 +185,9 @@ def run_comparison(
     started = time.perf_counter()
     options = options or CompareOptions()
     prepared = prepare(cfg, spec_texts, options, target=options.task_targets(1)[0])
-    return run_prepared(cfg, prepared, options, on_plan=on_plan, callbacks=callbacks, started=started)
+    comparison = run_and_save(cfg, prepared, options, on_plan=on_plan, callbacks=callbacks, started=started)
+    raise_if_interrupted(comparison)  # after saving: a stop signal leaves what finished, status interrupted
+    return comparison
 
 
 @dataclass(frozen=True)
@@ -200,22 +202,6 @@ class Ran:
     run_dir: Path | None  # made for a tuning study; None: made when the comparison is saved
 
 
-def run_prepared(
-    cfg: Config,
-    prepared: Prepared,
-    options: CompareOptions,
-    *,
-    on_plan: Callable[[int], None] | None = None,
-    callbacks: TrialCallbacks | None = None,
-    started: float | None = None,
-) -> Comparison:
-    """The trials of a prepared comparison (tuning first when asked), the Comparison built from them, saved. A
-    stop signal at any point saves what finished, status interrupted, and raises RunInterrupted."""
-    comparison = run_and_save(cfg, prepared, options, on_plan=on_plan, callbacks=callbacks, started=started)
-    raise_if_interrupted(comparison)
-    return comparison
-
-
 def run_and_save(
     cfg: Config,
     prepared: Prepared,
@@ -225,7 +211,8 @@ def run_and_save(
     callbacks: TrialCallbacks | None = None,
     started: float | None = None,
 ) -> Comparison:
-    """run_prepared without the raise: the saved Comparison, whose status says whether a signal ended it."""
+    """The trials of a prepared comparison (tuning first when asked), the Comparison built from them, saved; its
+    status says whether a stop signal ended it (what finished is kept, the rest marked interrupted)."""
     started = time.perf_counter() if started is None else started
     if on_plan:
         on_plan(len(prepared.specs) * (len(prepared.seeds) + (options.tune_budget if options.tuning else 0)))

@@ -212,18 +212,12 @@ def tell(study, trial, history: History, score: float) -> bool:
 
 def settled(study, budget: int) -> bool:
     """Whether the study's first `budget` trials that count have all finished (other machines may run some)."""
-    from optuna.trial import TrialState
-
-    done = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
-    return all(t.state in done for t in _budget_trials(study, budget))
+    return all(t.state.is_finished() for t in _budget_trials(study, budget))
 
 
 def counted_trials(study, budget: int) -> list:
     """The finished trials among the study's first `budget` that count: all of them once settled."""
-    from optuna.trial import TrialState
-
-    done = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
-    return [t for t in _budget_trials(study, budget) if t.state in done]
+    return [t for t in _budget_trials(study, budget) if t.state.is_finished()]
 
 
 def fail_stale(study, store: Store) -> list[int]:
