@@ -209,26 +209,24 @@ def children(pid: int) -> set[int]:
 @pytest.mark.slow
 def test_sigterm_ends_a_streamed_run_and_its_loader_workers(user_module, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "100"}
-    extra = ["--set", "data.stream=true", "--set", "data.num_workers=2", "--set", "data.kwargs={n: 5000}"]
+    extra = ["--set", "data.stream=true", "--set", "data.num_workers=2", "--set", "data.kwargs={n: 20000}"]
     command = [sys.executable, "-m", "optcli", "train", *args(user_module, "pair", *extra)]
     command += ["--set", "train.epochs=100000", "--set", "name=r"]
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_dir = tmp_path / "runs" / "r"
-    deadline = time.monotonic() + 180  # generous for a loaded machine; each wait ends as soon as its state is there
+    deadline = time.monotonic() + 120
     while not (run_dir / "last.pt").exists():
         assert time.monotonic() < deadline and proc.poll() is None, "no epoch completed"
         time.sleep(0.05)
-    while len(workers := children(proc.pid)) < 2:  # inside a later epoch, its DataLoader workers running
-        assert time.monotonic() < deadline and proc.poll() is None, "no DataLoader workers after the first epoch"
-        time.sleep(0.02)
+    time.sleep(0.5)  # inside the next epoch, its DataLoader workers running
+    workers = children(proc.pid)
+    assert len(workers) >= 2
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=90)
+    out, _ = proc.communicate(timeout=60)
     assert "interrupted by SIGTERM" in out and "Traceback" not in out, out
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
-    deadline = time.monotonic() + 30
-    while alive := [w for w in workers if Path(f"/proc/{w}").exists()]:
-        assert time.monotonic() < deadline, f"DataLoader workers {alive} outlived the run"
-        time.sleep(0.05)
+    time.sleep(1.0)
+    assert not [w for w in workers if Path(f"/proc/{w}").exists()], "DataLoader workers outlived the run"
 
 
 @pytest.mark.slow
