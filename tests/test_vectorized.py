@@ -10,6 +10,7 @@ import torch
 from optcli.compare.comparison import run_comparison
 from optcli.compare.options import CompareOptions
 from optcli.config import load_config
+from optcli.engine import stacked
 from optcli.engine.build import build_model_and_optimizer, seed_torch
 from optcli.engine.model import Dropout
 from optcli.engine.stacked import StackedDropout, build_stacked_model, elementwise_optimizers, retire
@@ -78,7 +79,8 @@ def test_stacked_initial_weights_are_each_seeds_plain_ones():
         model, _, _ = build_model_and_optimizer(cfg.model_copy(update={"seed": seed}), data, torch.device("cpu"))
         for name, p in model.named_parameters():
             mine = stacked.get_parameter(name)[i]
-            assert torch.equal(mine.t() if name.endswith("weight") else mine, p.detach()), name  # held transposed
+            # held transposed (in, out), the bias as a row (1, out)
+            assert torch.equal(mine.t() if name.endswith("weight") else mine.squeeze(0), p.detach()), name
 
 
 def test_a_retired_seed_stops_and_the_others_go_on_as_alone():
@@ -117,6 +119,18 @@ def _assert_histories_close(vec, plain) -> None:
                     # turning a relative change of the weights into a larger one of a small gradient
                     got, want = ev.dynamics["layers"][layer]["grad_norm"], d["grad_norm"]
                     assert got == want if want is None else got == pytest.approx(want, rel=10 * RTOL)
+                    # the others divide the weights' change, w_after - w_before: the weights' perturbation
+                    # relative to that change is 1 / (the change's ratio to the weights) times larger
+                    for key, ratio in (
+                        ("update_ratio", "update_ratio"),
+                        ("step_size", "update_ratio"),
+                        ("epoch_update_ratio", "epoch_update_ratio"),
+                    ):
+                        got, want = ev.dynamics["layers"][layer].get(key), d.get(key)
+                        if want is None or not d[ratio]:
+                            assert got == want, key
+                        else:
+                            assert got == pytest.approx(want, rel=10 * RTOL * (1 + 1 / d[ratio])), key
             for key in ("train_loss", "val_loss"):
                 a, b = getattr(ev, key), getattr(ep, key)
                 assert (a is None) == (b is None), key
@@ -134,6 +148,21 @@ def test_vectorized_comparison_matches_the_plain_one_on_every_epoch_metric():
     assert vec.notes == []
     _assert_histories_close(vec, plain)
     assert [r["label"] for r in vec.rows] == [r["label"] for r in plain.rows]
+
+
+def test_batches_gathered_once_per_epoch_are_the_per_batch_ones(monkeypatch):
+    # a small split is gathered once per epoch and sliced; a large one gathered batch by batch: the same batches
+    cfg = load_config(None, ["data.samples=50", "data.val_fraction=0.2"])
+    split = load_data(cfg.data, torch.device("cpu")).train
+    perms = torch.stack([torch.randperm(len(split), generator=torch.Generator().manual_seed(s)) for s in (1, 2, 3)])
+    sliced = list(stacked._batches(split, 16, perms))  # 40 rows, batches of 16, 16, 8
+    monkeypatch.setattr(stacked, "EPOCH_GATHER_BYTES", 0)
+    gathered = list(stacked._batches(split, 16, perms))
+    assert [x.shape for x, _ in sliced] == [(3, 16, 20), (3, 16, 20), (3, 8, 20)]
+    for (xs, ys), (xg, yg) in zip(sliced, gathered, strict=True):
+        assert torch.equal(xs, xg) and torch.equal(ys, yg)
+    for s in range(3):  # each seed's rows in its own order
+        assert torch.equal(torch.cat([x[s] for x, _ in sliced]), split.x[perms[s]])
 
 
 def test_vectorized_mnist_with_dropout_accumulation_and_a_schedule(tiny_mnist):

@@ -12,7 +12,9 @@
   momentum none).
 
 Only the first step of an epoch is copied and compared, so between samples a step costs two hook calls that return
-at once.
+at once. Stacked seeds (engine/stacked.py: every parameter with a leading seed dimension) are measured by one
+Dynamics for all of them, each norm taken per seed slice: the same numbers as one Dynamics per plain seed, for the
+hook calls and norm launches of one.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 class Dynamics:
     """An epoch callback (train.EpochCallback) that fills EpochMetrics.dynamics; close() removes its hooks."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, stacked: bool = False):
+        self.optimizer, self.stacked = optimizer, stacked
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
         self.layers = list(dict.fromkeys(layer_of(n) for n, _ in named))
@@ -71,22 +73,30 @@ class Dynamics:
     def _snapshot(self) -> list[torch.Tensor]:
         return [w.clone() for w in self._weights()]
 
+    def _zeros(self) -> torch.Tensor:
+        """One value per layer, or per layer and seed when stacked."""
+        shape = (len(self.layers), len(self.params[0])) if self.stacked and self.params else (len(self.layers),)
+        return torch.zeros(shape, device=self._device())
+
     def _reset(self) -> None:
-        self.grad_sq = torch.zeros(len(self.layers), device=self._device())
+        self.grad_sq = self._zeros()
         self.steps = self.samples = 0
         self.sample: dict | None = None
 
     def _layer_sq(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        """Per layer, the sum of the squared norms of its tensors (a missing gradient counts as zero)."""
-        sums = torch.zeros(len(self.layers), device=self._device())
+        """Per layer (and seed), the sum of the squared norms of its tensors (a missing gradient counts as zero)."""
+        sums = self._zeros()
         present = [t for t in tensors if t is not None]
         if not present:
             return sums
         index = self.layer_index
         if len(present) < len(tensors):
             index = index[[i for i, t in enumerate(tensors) if t is not None]]
-        sq = torch.stack(torch._foreach_norm(present)).float().square()
-        return sums.index_add_(0, index, sq)
+        if self.stacked:  # (tensors, seeds): each seed's slice flattened
+            norms = torch.stack([torch.linalg.vector_norm(t.reshape(len(t), -1), dim=1) for t in present])
+        else:
+            norms = torch.stack(torch._foreach_norm(present))
+        return sums.index_add_(0, index, norms.float().square())
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         self.steps += 1
@@ -107,6 +117,11 @@ class Dynamics:
         self.sample = {"delta_sq": self._layer_sq(self.first), "weight_sq": weight_sq, "grad_sq": self.first_grad_sq}
 
     def epoch_end(self, metrics: EpochMetrics, step_losses: torch.Tensor) -> None:
+        metrics.dynamics = {"layers": self.measure()[0], "state_bytes": state_bytes(self.optimizer)}
+
+    def measure(self) -> list[dict[str, dict[str, float | None]]]:
+        """The epoch's measurements per layer, one dict per seed (one in all unless stacked); starts the next
+        epoch's."""
         start_sq = self._layer_sq(self.start)
         torch._foreach_sub_(self.start, self._weights())  # w_start - w_end, in place
         moved_sq = self._layer_sq(self.start)
@@ -117,12 +132,20 @@ class Dynamics:
         if self.sample is not None:
             columns["update_ratio"] = (self.sample["delta_sq"] / self.sample["weight_sq"]).sqrt()
             columns["step_size"] = (self.sample["delta_sq"] / self.sample["grad_sq"]).sqrt()
-        values = {k: v.tolist() for k, v in columns.items()}  # one host sync per epoch
-        metrics.dynamics = {
-            "layers": {layer: {k: _finite(v[i]) for k, v in values.items()} for i, layer in enumerate(self.layers)},
-            "state_bytes": state_bytes(self.optimizer),
-        }
+        # one host sync per epoch; stacked, each column becomes (seeds, layers)
+        values = {k: (v.T if self.stacked else v.unsqueeze(0)).tolist() for k, v in columns.items()}
+        seeds = len(next(iter(values.values())))
         torch._foreach_copy_(self.start, self._weights())
+        self._reset()
+        return [
+            {layer: {k: _finite(v[s][i]) for k, v in values.items()} for i, layer in enumerate(self.layers)}
+            for s in range(seeds)
+        ]
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Stacked: only the seeds at `index` go on (engine.stacked.retire), called between epochs."""
+        self.start = [t[index] for t in self.start]
+        self.first = [t[index] for t in self.first]
         self._reset()
 
     def close(self) -> None:

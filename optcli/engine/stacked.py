@@ -115,7 +115,7 @@ def stacking_refusal(cfg: Config, spec: OptimizerSpec, device: torch.device) -> 
 
 class StackedLinear(nn.Module):
     """`seeds` Linear layers as one: x (seeds, batch, in) -> (seeds, batch, out) in one batched matmul; `weight`
-    holds each seed's weight transposed (seeds, in, out)."""
+    holds each seed's weight transposed (seeds, in, out), `bias` each seed's bias as a row (seeds, 1, out)."""
 
     def __init__(self, layers: list[nn.Linear]):
         super().__init__()
@@ -124,12 +124,12 @@ class StackedLinear(nn.Module):
         # optimizer) would copy a transposed gradient every step: a third of a stacked MNIST step. The optimizer
         # is elementwise and the dynamics take norms, so neither minds the transposition.
         self.weight = nn.Parameter(torch.stack([layer.weight.detach().t() for layer in layers]))
-        self.bias = nn.Parameter(torch.stack([layer.bias.detach() for layer in layers]))
+        self.bias = nn.Parameter(torch.stack([layer.bias.detach() for layer in layers]).unsqueeze(1))
         self.weight.requires_grad_(layers[0].weight.requires_grad)
         self.bias.requires_grad_(layers[0].bias.requires_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
+        return torch.baddbmm(self.bias, x, self.weight)
 
 
 class StackedDropout(nn.Dropout):
@@ -162,6 +162,13 @@ class StackedMLP(nn.Sequential):
         super().__init__(layers)
         self.generators = generators
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # each layer's forward() without Module.__call__: nothing hooks a stacked model, and the hook dispatch of
+        # three or four layers was a tenth of a small model's stacked step
+        for layer in self:
+            x = layer.forward(x)
+        return x
+
     def keep(self, index: torch.Tensor) -> None:
         """Only the seeds at `index` go on; the others' slices are dropped (see retire)."""
         with torch.no_grad():
@@ -186,30 +193,6 @@ def retire(model: StackedMLP | FunctionalStack, optimizer: torch.optim.Optimizer
                 optimizer.state[p][key] = value[index]
 
 
-class _SeedSlice:
-    """One seed's slice of a stacked parameter, seen as a parameter by dynamics.Dynamics (grad, detach())."""
-
-    def __init__(self, param: nn.Parameter, view: _SeedView):
-        self.param, self.view, self.requires_grad, self.device = param, view, param.requires_grad, param.device
-
-    @property
-    def grad(self) -> torch.Tensor | None:
-        return None if self.param.grad is None else self.param.grad[self.view.slot]
-
-    def detach(self) -> torch.Tensor:
-        return self.param.detach()[self.view.slot]
-
-
-class _SeedView:
-    """One seed of a StackedMLP as dynamics.Dynamics reads a model: named parameters, here its slices."""
-
-    def __init__(self, model: StackedMLP | FunctionalStack, slot: int):
-        self.model, self.slot = model, slot
-
-    def named_parameters(self):
-        return [(name, _SeedSlice(p, self)) for name, p in self.model.named_parameters()]
-
-
 def seed_state_bytes(optimizer: torch.optim.Optimizer, seeds: int) -> int:
     """The bytes one seed's plain optimizer would hold: its slice of every per-entry state tensor, and the
     per-tensor ones (Adam's step) whole."""
@@ -226,12 +209,12 @@ class StackedStep(PlainStep):
     slice's gradient that of its own seed's loss; returns each seed's loss summed over the batch's samples."""
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, *, last: bool) -> torch.Tensor:
-        per_seed = per_seed_loss(self.loss_fn, self.model(x), y)
-        self.backward(per_seed.sum() * self.scale)
+        loss, sums = stacked_loss(self.loss_fn, self.model(x), y)
+        self.backward(loss * self.scale)
         if last:
             self.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return sample_sum(per_seed.detach(), x.shape[1], self.loss_fn.reduction)
+        return sums
 
     def step(self) -> None:
         if self.settings.grad_clip is not None:
@@ -256,25 +239,46 @@ def clip_per_seed(params: Iterator[nn.Parameter], max_norm: float) -> None:
 ELEMENTWISE_LOSSES = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.cross_entropy)
 
 
-def per_seed_loss(loss_fn: Loss, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Each seed's loss over its batch, (seeds,): one call over all seeds' samples where the loss is a mean or sum
-    of per-sample values, one call per seed otherwise (their Python cost is a third of a small model's step)."""
+def stacked_loss(loss_fn: Loss, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the sum over seeds of each seed's loss, to call backward() on; each seed's loss summed over its samples,
+    detached). One loss call over all seeds' samples where the loss is a mean or sum of per-sample values (its
+    Python cost and autograd nodes are a third of a small model's step), one call per seed otherwise."""
     fn, kwargs = getattr(loss_fn, "fn", None), getattr(loss_fn, "kwargs", {})
+    seeds, n = out.shape[:2]
     if fn in ELEMENTWISE_LOSSES and loss_fn.reduction in ("mean", "sum") and not {"weight", "ignore_index"} & {*kwargs}:
-        values = fn(out.flatten(0, 1), y.flatten(0, 1), reduction="none", **kwargs).view(len(out), -1)
-        return values.mean(dim=1) if loss_fn.reduction == "mean" else values.sum(dim=1)
-    return torch.stack([loss_fn(out[s], y[s]) for s in range(len(out))])
+        if fn is F.cross_entropy:  # classes on dim 1: seeds and samples flattened into one batch dimension
+            out, y = out.flatten(0, 1), y.flatten(0, 1)
+        values = fn(out, y, reduction="none", **kwargs)
+        sums = values.detach().view(seeds, -1).sum(dim=1)
+        # a seed's mean is its sum times 1/n: the same 1/n reaches every sample's gradient as in mean's backward
+        return (values.sum() * (1 / n) if loss_fn.reduction == "mean" else values.sum()), sums
+    per_seed = torch.stack([loss_fn(out[s], y[s]) for s in range(seeds)])
+    return per_seed.sum(), sample_sum(per_seed.detach(), n, loss_fn.reduction)
+
+
+# An epoch's permuted copy of the training split for all seeds up to this size is gathered in one call and each batch
+# is a view of it: two index_select calls per step were a tenth of a small model's stacked step.
+EPOCH_GATHER_BYTES = 64 * 2**20
 
 
 def _batches(split: Split, batch_size: int, perms: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """tasks.batches for every live seed: (seeds, batch, ...) in each seed's own order."""
+    row_bytes = split.x[0].nbytes + split.y[0].nbytes
+    if perms.numel() * row_bytes <= EPOCH_GATHER_BYTES:
+        x, y = _gather(split, perms)
+        yield from zip(x.split(batch_size, dim=1), y.split(batch_size, dim=1), strict=True)
+        return
     for start in range(0, len(split), batch_size):
-        idx = perms[:, start : start + batch_size]
-        flat = idx.reshape(-1)  # index_select, as tasks.batches
-        yield (
-            split.x.index_select(0, flat).view(*idx.shape, *split.x.shape[1:]),
-            split.y.index_select(0, flat).view(*idx.shape, *split.y.shape[1:]),
-        )
+        yield _gather(split, perms[:, start : start + batch_size])
+
+
+def _gather(split: Split, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows at idx (seeds, n) as (seeds, n, ...) tensors; index_select, as tasks.batches."""
+    flat = idx.reshape(-1)
+    return (
+        split.x.index_select(0, flat).view(*idx.shape, *split.x.shape[1:]),
+        split.y.index_select(0, flat).view(*idx.shape, *split.y.shape[1:]),
+    )
 
 
 @torch.no_grad()
@@ -319,13 +323,8 @@ class _Stack:
         self.loss_fn = make_loss(cfg)
         self.step = StackedStep(self.model, self.optimizer, self.loss_fn, StepSettings.of(cfg))
         self.histories = {seed: History() for seed in seeds}
-        self.views = {seed: _SeedView(self.model, slot) for slot, seed in enumerate(seeds)}
-        # per seed, the measurements dynamics.Dynamics takes of a plain run, on the seed's slices
-        self.dynamics = (
-            {seed: Dynamics(self.views[seed], self.optimizer) for seed in seeds}  # type: ignore[arg-type]
-            if cfg.train.dynamics
-            else {}
-        )
+        # the measurements dynamics.Dynamics takes of a plain run, per seed slice
+        self.dynamics = Dynamics(self.model, self.optimizer, stacked=True) if cfg.train.dynamics else None
 
     def epoch(self, epoch: int, on_epoch: Callable[[History], None] | None) -> list[int]:
         """One epoch of every live seed, recorded in each seed's history; returns the slots that diverged."""
@@ -339,6 +338,7 @@ class _Stack:
         train_seconds = (time.perf_counter() - t0) / n_live  # per seed, evaluation excluded, as a plain trial
         evals = _evaluate(self.model, self.loss_fn, data.val, n_live) if data.val is not None else None
         seconds = (time.perf_counter() - t0) / n_live
+        layers = self.dynamics.measure() if self.dynamics is not None else None
         diverged = []
         for s, seed in enumerate(self.live):
             column, history = losses[s], self.histories[seed]
@@ -353,9 +353,8 @@ class _Stack:
                 steps=steps_per_epoch(len(data.train), self.cfg.data.batch_size, self.step.accumulate),
                 train_seconds=train_seconds,
             )
-            if seed in self.dynamics:
-                self.dynamics[seed].epoch_end(metrics, column)
-                metrics.dynamics["state_bytes"] = seed_state_bytes(self.optimizer, n_live)  # type: ignore[index]
+            if layers is not None:
+                metrics.dynamics = {"layers": layers[s], "state_bytes": seed_state_bytes(self.optimizer, n_live)}
             history.epochs.append(metrics)
             if bad_step is not None:
                 history.set_status(diverged_at={"epoch": epoch, "step": bad_step})
@@ -367,18 +366,15 @@ class _Stack:
     def retire(self, slots: list[int]) -> None:
         """The seeds at `slots` stop: out of the model and the optimizer state, their measurements closed."""
         keep = [s for s in range(len(self.live)) if s not in slots]
-        for s in slots:
-            if self.live[s] in self.dynamics:
-                self.dynamics.pop(self.live[s]).close()
         self.live = [self.live[s] for s in keep]
         if self.live:
             retire(self.model, self.optimizer, keep)
-            for slot, seed in enumerate(self.live):
-                self.views[seed].slot = slot
+            if self.dynamics is not None:
+                self.dynamics.keep(torch.tensor(keep, device=self.data.train.x.device))
 
     def finish(self) -> None:
-        for callback in self.dynamics.values():
-            callback.close()
+        if self.dynamics is not None:
+            self.dynamics.close()
         for seed in self.live:
             self.histories[seed].set_status(done=True)
         if self.data.test is not None and self.live:
