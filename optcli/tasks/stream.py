@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from optcli.rundir import signals
 from optcli.tasks import Split
 
 LOAD_BATCH = 256  # samples per DataLoader batch when inputs are loaded outside training (evaluation, inspection)
@@ -46,12 +47,31 @@ def _quiet_worker(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def iterate(data: DataLoader) -> Generator[Any, None, None]:
+    """The batches of `data`, its workers ended on any exit. The workers are forked and ended with a stop signal
+    held (signals.held: raised after, not inside): landing while a worker starts, it left the loader half-built and
+    its workers running until the interpreter's exit (where torch reports them killed), or was raised inside a
+    fork callback (logging's), which drops it: the run trained on. Ended explicitly, as a stop's traceback keeps
+    the iterator, and its workers, alive."""
+    batches = None
+    try:
+        with signals.held():
+            batches = iter(data)
+        yield from batches
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # the DataLoader iterator's own end of its workers
+        if shutdown is not None:
+            with signals.held():
+                shutdown()
+
+
 def loader(dataset: Dataset, num_workers: int, **kwargs: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The batches of a DataLoader over `dataset` (batch_sampler or batch_size in `kwargs`) as tensors."""
     init = _quiet_worker if num_workers > 0 else None
     data = DataLoader(dataset, num_workers=num_workers, collate_fn=_collate_arrays, worker_init_fn=init, **kwargs)
-    for x, y in data:
-        yield torch.from_numpy(x), torch.from_numpy(y)
+    with contextlib.closing(iterate(data)) as batches:
+        for x, y in batches:
+            yield torch.from_numpy(x), torch.from_numpy(y)
 
 
 class StreamInputs:
@@ -117,13 +137,22 @@ def read_all(
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(inputs or None, targets) of every sample, in order, in one pass; `on_error` turns what the dataset
     raised into the error to raise."""
-    loader = DataLoader(dataset, batch_size=LOAD_BATCH, shuffle=False, num_workers=num_workers, collate_fn=collate_rows)
+    init = _quiet_worker if num_workers > 0 else None
+    loader = DataLoader(
+        dataset,
+        batch_size=LOAD_BATCH,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_rows,
+        worker_init_fn=init,
+    )
     xs, ys = [], []
     try:
-        for x, y in loader:
-            ys.append(y)
-            if keep_inputs:
-                xs.append(x)
+        with contextlib.closing(iterate(loader)) as batches:
+            for x, y in batches:
+                ys.append(y)
+                if keep_inputs:
+                    xs.append(x)
     except Exception as exc:  # the user's __getitem__ or samples default_collate cannot batch
         raise on_error(exc) from None
     return (torch.cat(xs) if keep_inputs else None), torch.cat(ys)
