@@ -150,6 +150,38 @@ def test_stop_signals_raise_stopped_and_are_held_while_files_are_written():
     assert signal.getsignal(signal.SIGTERM) is before  # put back
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped Stopped, by design
+def test_a_stop_dropped_inside_a_finalizer_is_raised_at_the_next_training_step():
+    from optcli.config import load_config
+    from optcli.engine.build import build_model_and_optimizer
+    from optcli.engine.loop import make_loss, train_one_epoch
+    from optcli.engine.stepping import PlainStep, StepSettings
+    from optcli.tasks import load_data
+
+    class SignalsInDel:  # a stop landing while Python runs a finalizer: the Stopped it raises is printed and dropped
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs here, inside __del__
+
+    cfg = load_config(None, ["data.samples=64", "data.batch_size=8"])
+    data = load_data(cfg.data, torch.device("cpu"))
+    model, optimizer, _ = build_model_and_optimizer(cfg, data, torch.device("cpu"))
+    step = PlainStep(model, optimizer, make_loss(cfg), StepSettings.of(cfg))
+    seen = []
+
+    def batches():
+        for i in range(6):
+            seen.append(i)
+            if i == 2:
+                SignalsInDel()  # deleted at once
+            yield data.train.x[i * 8 : (i + 1) * 8], data.train.y[i * 8 : (i + 1) * 8]
+
+    with signals.stop_on_signals():
+        with pytest.raises(signals.Stopped) as caught:
+            train_one_epoch(step, batches(), n_batches=6)
+    assert caught.value.signum == signal.SIGTERM and seen == [0, 1, 2]  # not one step after the stop
+
+
 _SIGNAL_STATE = """
 import json, signal
 from optcli.rundir import signals

@@ -34,6 +34,7 @@ from optcli.engine.stepping import (
     set_mode,
 )
 from optcli.errors import UserError
+from optcli.rundir import signals
 from optcli.tasks import Data, Split, batches, epoch_permutation, steps_per_epoch
 from optcli.tasks.base import is_real_valued, r2_score
 
@@ -208,6 +209,7 @@ def train_one_epoch(
     # closed on any exit (a generator's close()): a streamed split's DataLoader ends its workers now, not at exit
     with contextlib.closing(batch_iter) if isinstance(batch_iter, Generator) else contextlib.nullcontext():
         for i, (x, y) in enumerate(batch_iter):
+            signals.raise_if_lost()
             last = (i + 1) % step.accumulate == 0 or i + 1 == n_batches
             losses.append(step(x, y, last=last))
             if last and on_step is not None:

@@ -70,6 +70,14 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(s, handler)
 
 
+def raise_if_lost() -> None:
+    """Raise Stopped again where a stop signal was received and raised but the run goes on: Python drops an
+    exception raised inside a finalizer or a fork callback (printed as "Exception ignored"), and the run would
+    train on after the signal. Training loops call this between steps, a point no stop should pass."""
+    if _state.received is not None and _state.raised and not _state.held:
+        raise Stopped(_state.received)
+
+
 @contextmanager
 def held() -> Iterator[None]:
     """Record stop signals without raising while the body runs; raise the first one after it, if none was yet."""
