@@ -4,6 +4,7 @@ Read-only directories: the tests run as root, for whom chmod proves nothing, so 
 immutable with `chattr +i` (skipped where chattr is refused); a full disk is `os.replace` raising ENOSPC, and a full
 stdout is the real /dev/full."""
 
+import csv
 import errno
 import json
 import os
@@ -313,7 +314,10 @@ def test_parallel_compare_ends_its_workers_and_marks_their_trials(tmp_path, sig)
         time.sleep(0.1)
     for worker in workers:  # past its start, when it ignores the terminal's signals; its trial follows at once
         _wait_for_mask(worker, "SigIgn", signal.SIGINT, proc)
-    time.sleep(1)
+    started = {w: _cpu_seconds(w) for w in workers}
+    while any(_cpu_seconds(w) - started[w] < 1.0 for w in workers):  # training: the task's data loads in ms
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
     os.killpg(proc.pid, sig)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 128 + sig, out
@@ -325,6 +329,12 @@ def test_parallel_compare_ends_its_workers_and_marks_their_trials(tmp_path, sig)
     summary = strict_loads((tmp_path / "runs" / "c" / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["interrupted_by"] == signal.Signals(sig).name
     assert [t["status"] for t in summary["trials"]] == ["interrupted", "interrupted"]
+
+
+def _cpu_seconds(pid: int) -> float:
+    """The user and system CPU time of a process (/proc/<pid>/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _wait_for_mask(pid: int, field: str, sig: int, proc, timeout: float = 90) -> None:
@@ -346,14 +356,21 @@ def _wait_for_handler(proc, sig, timeout: float = 90) -> None:
 
 @pytest.mark.slow
 def test_serial_compare_saves_what_finished_on_sigterm(tmp_path):
-    proc = _start(["-m", "optcli", "compare", "sgd", "adam", "--epochs", "100000", "--set", "name=c"], tmp_path)
+    # the first trial ends at once (lr 1e6 diverges in its first epoch: a finished trial), the second runs on
+    args = ["-m", "optcli", "compare", "sgd:lr=1e6", "adam", "--seeds", "1", "--epochs", "100000", "--set", "name=c"]
+    proc = _start(args, tmp_path)
     _wait_for_handler(proc, signal.SIGTERM)
     time.sleep(1)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 143, out
+    assert "Traceback" not in out and "1 of 2 trials finished" in out
     summary = strict_loads((tmp_path / "runs" / "c" / "summary.json").read_text())
-    assert summary["status"] == "interrupted" and {t["status"] for t in summary["trials"]} == {"interrupted"}
+    assert summary["status"] == "interrupted" and summary["interrupted_by"] == "SIGTERM"
+    trials = {t["label"]: t for t in summary["trials"]}
+    assert trials["sgd:lr=1e6"]["status"] == "diverged" and trials["adam"]["status"] == "interrupted"
+    rows = {r["optimizer"]: r for r in csv.DictReader((tmp_path / "runs" / "c" / "metrics.csv").open())}
+    assert set(rows) == {"sgd:lr=1e6"}  # the finished trial's epochs kept; the interrupted one is only marked
 
 
 @pytest.mark.slow
