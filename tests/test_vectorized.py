@@ -150,6 +150,17 @@ def test_vectorized_comparison_matches_the_plain_one_on_every_epoch_metric():
     assert [r["label"] for r in vec.rows] == [r["label"] for r in plain.rows]
 
 
+@pytest.mark.parametrize("activation", ["leaky_relu", "elu", "tanh"])
+def test_every_activation_stacks_to_the_plain_result(activation):
+    # ReLU-like activations run in place on the batched matmul's output when stacked: the same values
+    extra = [f"model.activation={activation}", "model.hidden=[16,8]", "train.epochs=4", "data.samples=48"]
+    cfg = load_config(None, [*extra, "data.batch_size=24", "data.val_fraction=0.25"])
+    plain = run_comparison(cfg, ["adam:lr=0.01"], CompareOptions(seeds=2, threads=1))
+    vec = run_comparison(cfg, ["adam:lr=0.01"], CompareOptions(seeds=2, threads=1, vectorize=True))
+    assert vec.notes == []
+    _assert_histories_close(vec, plain)
+
+
 def test_batches_gathered_once_per_epoch_are_the_per_batch_ones(monkeypatch):
     # a small split is gathered once per epoch and sliced; a large one gathered batch by batch: the same batches
     cfg = load_config(None, ["data.samples=50", "data.val_fraction=0.2"])

@@ -18,6 +18,7 @@ Where stacking could change a result, `stacking_refusal` says why in one line an
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 import time
@@ -157,6 +158,11 @@ class StackedMLP(nn.Sequential):
                 layers[name] = StackedLinear([dict(m.named_children())[name] for m in models])  # type: ignore[misc]
             elif isinstance(module, nn.Dropout):
                 layers[name] = StackedDropout(module.p, generators)
+            elif getattr(module, "inplace", None) is False:  # ReLU, LeakyReLU, ELU
+                # in place on the batched matmul's output, which nothing else reads (baddbmm's backward does not):
+                # one tensor less to allocate and write per layer and step, the same values
+                layers[name] = copy.copy(module)
+                layers[name].inplace = True
             else:
                 layers[name] = module  # activations act elementwise
         super().__init__(layers)
@@ -209,8 +215,8 @@ class StackedStep(PlainStep):
     slice's gradient that of its own seed's loss; returns each seed's loss summed over the batch's samples."""
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, *, last: bool) -> torch.Tensor:
-        loss, sums = stacked_loss(self.loss_fn, self.model(x), y)
-        self.backward(loss * self.scale)
+        loss, sums = stacked_loss(self.loss_fn, self.model(x), y, scale=self.scale)
+        self.backward(loss)
         if last:
             self.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -239,10 +245,12 @@ def clip_per_seed(params: Iterator[nn.Parameter], max_norm: float) -> None:
 ELEMENTWISE_LOSSES = (F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.cross_entropy)
 
 
-def stacked_loss(loss_fn: Loss, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the sum over seeds of each seed's loss, to call backward() on; each seed's loss summed over its samples,
-    detached). One loss call over all seeds' samples where the loss is a mean or sum of per-sample values (its
-    Python cost and autograd nodes are a third of a small model's step), one call per seed otherwise."""
+def stacked_loss(
+    loss_fn: Loss, out: torch.Tensor, y: torch.Tensor, *, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the sum over seeds of each seed's loss times `scale`, to call backward() on; each seed's loss summed over
+    its samples, detached). One loss call over all seeds' samples where the loss is a mean or sum of per-sample
+    values (its Python cost and autograd nodes are a third of a small model's step), one call per seed otherwise."""
     fn, kwargs = getattr(loss_fn, "fn", None), getattr(loss_fn, "kwargs", {})
     seeds, n = out.shape[:2]
     if fn in ELEMENTWISE_LOSSES and loss_fn.reduction in ("mean", "sum") and not {"weight", "ignore_index"} & {*kwargs}:
@@ -251,9 +259,10 @@ def stacked_loss(loss_fn: Loss, out: torch.Tensor, y: torch.Tensor) -> tuple[tor
         values = fn(out, y, reduction="none", **kwargs)
         sums = values.detach().view(seeds, -1).sum(dim=1)
         # a seed's mean is its sum times 1/n: the same 1/n reaches every sample's gradient as in mean's backward
-        return (values.sum() * (1 / n) if loss_fn.reduction == "mean" else values.sum()), sums
+        weight = scale / n if loss_fn.reduction == "mean" else scale
+        return (values.sum() * weight if weight != 1 else values.sum()), sums
     per_seed = torch.stack([loss_fn(out[s], y[s]) for s in range(seeds)])
-    return per_seed.sum(), sample_sum(per_seed.detach(), n, loss_fn.reduction)
+    return per_seed.sum() * scale, sample_sum(per_seed.detach(), n, loss_fn.reduction)
 
 
 # An epoch's permuted copy of the training split for all seeds up to this size is gathered in one call and each batch
