@@ -161,8 +161,9 @@ class StackedMLP(nn.Sequential):
             elif getattr(module, "inplace", None) is False:  # ReLU, LeakyReLU, ELU
                 # in place on the batched matmul's output, which nothing else reads (baddbmm's backward does not):
                 # one tensor less to allocate and write per layer and step, the same values
-                layers[name] = copy.copy(module)
-                layers[name].inplace = True
+                activation = copy.copy(module)
+                activation.inplace = True
+                layers[name] = activation
             else:
                 layers[name] = module  # activations act elementwise
         super().__init__(layers)
