@@ -24,6 +24,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -161,7 +162,7 @@ class StackedMLP(nn.Sequential):
             elif getattr(module, "inplace", None) is False:  # ReLU, LeakyReLU, ELU
                 # in place on the batched matmul's output, which nothing else reads (baddbmm's backward does not):
                 # one tensor less to allocate and write per layer and step, the same values
-                activation = copy.copy(module)
+                activation: Any = copy.copy(module)  # nn.ReLU and the others declare inplace: bool
                 activation.inplace = True
                 layers[name] = activation
             else:
