@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import struct
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,17 @@ def in_tmp(tmp_path, monkeypatch):
     """Every test runs in its own folder, so runs/ and data/ never touch the repository."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def importable_module(folder: Path, module: str, source: str) -> Iterator[Path]:
+    """For a fixture to `yield from`: `module`.py holding `source` in a new `folder`, imported fresh by the test
+    (optcli adds the folder to sys.path) and forgotten after it."""
+    folder.mkdir()
+    (folder / f"{module}.py").write_text(source)
+    yield folder
+    sys.modules.pop(module, None)
+    while str(folder) in sys.path:
+        sys.path.remove(str(folder))
 
 
 def cli(*args: str, width: int = 250):

@@ -18,7 +18,7 @@ import torch
 from optcli.config import DataConfig
 from optcli.tasks import batches, epoch_permutation, load_data
 from optcli.tasks.stream import StreamSplit
-from tests.conftest import assert_user_error, cli
+from tests.conftest import assert_user_error, cli, importable_module
 
 CPU = torch.device("cpu")
 
@@ -97,13 +97,7 @@ def bad_at_7():
 
 @pytest.fixture(autouse=True)
 def user_module(tmp_path):
-    folder = tmp_path / "userdata"
-    folder.mkdir()
-    (folder / "userdatasets.py").write_text(DATASETS_PY)
-    yield folder
-    sys.modules.pop("userdatasets", None)
-    if str(folder) in sys.path:
-        sys.path.remove(str(folder))
+    yield from importable_module(tmp_path / "userdata", "userdatasets", DATASETS_PY)
 
 
 def data_cfg(folder: Path, factory: str, **kw) -> DataConfig:

@@ -4,7 +4,6 @@ compare, inspect-params and lr-find, and every bad-input line it can give."""
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from optcli.config import load_config
 from optcli.engine.build import build_model_and_optimizer
 from optcli.rundir.files import load_checkpoint
 from optcli.tasks import load_data
-from tests.conftest import assert_user_error, cli
+from tests.conftest import assert_user_error, cli, importable_module
 
 MODEL_PY = '''
 import torch
@@ -58,13 +57,7 @@ def not_a_module():
 @pytest.fixture(autouse=True)
 def user_module(tmp_path):
     """usermodels.py in its own folder, imported fresh by every test (and forgotten after it)."""
-    folder = tmp_path / "models"
-    folder.mkdir()
-    (folder / "usermodels.py").write_text(MODEL_PY)
-    yield folder
-    sys.modules.pop("usermodels", None)
-    while str(folder) in sys.path:
-        sys.path.remove(str(folder))
+    yield from importable_module(tmp_path / "models", "usermodels", MODEL_PY)
 
 
 def config(tmp_path, name="usermodels:TwoLayer", **model) -> str:

@@ -4,8 +4,6 @@ plain path with one line saying why."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 import yaml
@@ -17,7 +15,7 @@ from optcli.engine.build import build_model_and_optimizer
 from optcli.engine.functional_stack import FunctionalStack
 from optcli.engine.stacked import build_stacked_model, retire
 from optcli.tasks import load_data
-from tests.conftest import cli, mnist_args
+from tests.conftest import cli, importable_module, mnist_args
 from tests.test_vectorized import _assert_histories_close
 
 MODEL_PY = '''
@@ -63,13 +61,7 @@ class Branching(TwoLayer):
 
 @pytest.fixture(autouse=True)
 def user_module(tmp_path):
-    folder = tmp_path / "models"
-    folder.mkdir()
-    (folder / "vmapmodels.py").write_text(MODEL_PY)
-    yield folder
-    sys.modules.pop("vmapmodels", None)
-    while str(folder) in sys.path:
-        sys.path.remove(str(folder))
+    yield from importable_module(tmp_path / "models", "vmapmodels", MODEL_PY)
 
 
 def user_sets(name: str = "TwoLayer", *extra: str) -> list[str]:

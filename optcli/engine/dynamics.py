@@ -134,7 +134,7 @@ class Dynamics:
             columns["step_size"] = (self.sample["delta_sq"] / self.sample["grad_sq"]).sqrt()
         # one host sync per epoch; stacked, each column becomes (seeds, layers)
         values = {k: (v.T if self.stacked else v.unsqueeze(0)).tolist() for k, v in columns.items()}
-        seeds = len(next(iter(values.values())))
+        seeds = len(values["grad_norm"])
         torch._foreach_copy_(self.start, self._weights())
         self._reset()
         return [
